@@ -1,0 +1,72 @@
+"""gunicorn settings for llm-service; every number below is chosen on purpose, and says why."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from dotenv import load_dotenv
+
+load_dotenv()  # the same .env the app reads; the real environment wins
+
+from llm_service.config import ConfigError, Settings  # noqa: E402
+from llm_service.logs import logging_config  # noqa: E402
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        _fail(f"invalid settings: {name} must be a whole number, got {raw!r}")
+        raise
+
+
+def _fail(message: str) -> None:
+    print(json.dumps({"level": "CRITICAL", "logger": "llm_service.config", "message": message}), flush=True)
+    sys.exit(1)
+
+
+# Fail in the master, before any worker forks, with one message naming every bad setting.
+try:
+    _settings = Settings.from_env(os.environ)
+except ConfigError as _error:
+    _fail(str(_error))
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_int_env('PORT', 8000)}"
+
+# Threaded workers: an LLM call spends seconds waiting on the network, so one process holds many
+# calls in flight. Heroku sets WEB_CONCURRENCY to suit the dyno; two processes suit two cores.
+worker_class = "gthread"
+workers = _int_env("WEB_CONCURRENCY", 2)
+threads = _int_env("THREADS", 64)
+
+# The app (and its openai client or local model) is built in each worker after fork, never shared.
+preload_app = False
+
+# gthread workers report to the master from their main loop, not from request threads, so a slow
+# upstream call does not trip this; it only ends a worker whose main loop is stuck.
+timeout = 60
+# On SIGTERM a worker stops accepting and lets in-flight requests finish: the longest a request may
+# run is DEADLINE, plus a margin to write the answer. Heroku kills a dyno 30 s after SIGTERM.
+graceful_timeout = int(_settings.deadline_s) + 5
+# Idle keep-alive connections close after 5 s: long enough for a proxy to reuse them, short enough
+# that idle clients do not hold the worker's connection slots.
+keepalive = 5
+
+# Request-line and header limits: a /generate call needs far less than these; anything larger is
+# refused by gunicorn (400) before the app runs. 4 KiB request line, 50 headers of at most 8 KiB.
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 8190
+
+# Every line on stdout is JSON: gunicorn's error log as well as the app's. The app writes one
+# summary line per request, so gunicorn's access log is off unless ACCESS_LOG=1 (then JSON too).
+logconfig_dict = logging_config(_settings.log_level)
+errorlog = "-"
+accesslog = "-" if os.environ.get("ACCESS_LOG", "").strip() in ("1", "true", "yes") else None
+
+# No control socket: its default path is per user, so two instances on one machine would collide,
+# and nothing here uses gunicornc.
+control_socket_disable = True

@@ -1,0 +1,64 @@
+"""llm-service: an LLM behind a small, hardened HTTP API."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flask import Flask
+
+from .config import Settings
+
+log = logging.getLogger("llm_service")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the WSGI app from `settings`, or from the environment when none are given."""
+    settings = settings or Settings.from_env(os.environ)
+    app = Flask(__name__)
+    configure_app(app, settings)
+    register_services(app, settings)
+    register_blueprints(app)
+    register_error_handlers(app)
+    log.info("service configured", extra=settings.describe())
+    return app
+
+
+def configure_app(app: Flask, settings: Settings) -> None:
+    """Set Flask's own limits and JSON output, and start JSON logging."""
+    from .logs import configure_logging
+
+    configure_logging(settings.log_level)
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+
+
+def register_services(app: Flask, settings: Settings) -> None:
+    """Create the generation service and the request schema once per app."""
+    from .schemas import GenerateRequestSchema
+    from .service import GenerationService
+
+    generation = GenerationService(settings)
+    generation.provider.warm_up()
+    app.extensions["llm_service"] = generation
+    app.extensions["llm_service.schema"] = GenerateRequestSchema(
+        max_chars=settings.max_chars,
+        max_output_tokens=settings.max_output_tokens,
+        allowed_models=settings.allowed_models,
+    )
+
+
+def register_blueprints(app: Flask) -> None:
+    """Mount the HTTP API."""
+    from .api import bp
+
+    app.register_blueprint(bp)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Answer every error with the one envelope."""
+    from .errors import register_error_handlers as register
+
+    register(app)

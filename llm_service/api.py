@@ -1,0 +1,120 @@
+"""HTTP views: load with a schema, call the service, dump; plus the per-request id and summary log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from marshmallow import ValidationError
+
+from .errors import InvalidRequest, ServiceError
+from .logs import request_id_var
+from .schemas import GenerateRequestSchema
+from .service import GenerationService, prompt_hash
+
+bp = Blueprint("api", __name__)
+log = logging.getLogger("llm_service.request")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Paths polled by load balancers and scrapers: their summary lines go to DEBUG, not INFO.
+QUIET_PATHS = frozenset({"/health"})
+
+
+def service() -> GenerationService:
+    """Return this app's GenerationService."""
+    return current_app.extensions["llm_service"]  # type: ignore[no-any-return]
+
+
+@bp.before_app_request
+def start_request() -> None:
+    """Take the caller's request id when it is safe, else make one; start the clock."""
+    g.started_monotonic = time.monotonic()
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    g.request_id_token = request_id_var.set(g.request_id)
+    g.log_fields = {}
+
+
+@bp.after_app_request
+def finish_request(response: Response) -> Response:
+    """Tag the response with its request id and write the one summary line for it."""
+    request_id = g.get("request_id")
+    if request_id is None:  # a request that failed before start_request ran
+        return response
+    response.headers[REQUEST_ID_HEADER] = request_id
+    if not g.get("log_deferred"):
+        write_summary(response.status_code)
+    return response
+
+
+@bp.teardown_app_request
+def forget_request_id(_: BaseException | None) -> None:
+    """Clear the request id from the logging context of this thread."""
+    token = g.pop("request_id_token", None)
+    if token is not None:
+        request_id_var.reset(token)
+
+
+def write_summary(status: int | str, **extra: Any) -> None:
+    """Log the request's summary line: ids, timings, counts, cost; never the prompt or the answer."""
+    fields: dict[str, Any] = {
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "latency_ms": round((time.monotonic() - g.started_monotonic) * 1000, 1),
+        **g.log_fields,
+        **extra,
+    }
+    error = g.get("service_error")
+    if isinstance(error, ServiceError):
+        fields["error_code"] = error.code
+        if error.attempts is not None:
+            fields["attempts"] = error.attempts
+        if error.upstream_request_id is not None:
+            fields["upstream_request_id"] = error.upstream_request_id
+    elif g.get("error_code"):
+        fields["error_code"] = g.error_code
+    level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
+    log.log(level, "request", extra=fields)
+
+
+def load_body(schema: GenerateRequestSchema) -> dict[str, Any]:
+    """Parse and validate the JSON body, or raise InvalidRequest with per-field details."""
+    if not request.is_json:
+        raise InvalidRequest("Content-Type must be application/json.")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    try:
+        return schema.load(body)  # type: ignore[no-any-return]
+    except ValidationError as error:
+        raise InvalidRequest("The request has invalid fields.", details=error.normalized_messages()) from None
+
+
+@bp.get("/health")
+def health() -> Response:
+    """Answer a liveness probe without touching the backend."""
+    gen = service()
+    return jsonify(status="ok", provider=gen.provider.name, default_model=gen.settings.default_model)
+
+
+@bp.post("/generate")
+def generate() -> Response:
+    """Generate text for one prompt."""
+    gen = service()
+    body = load_body(current_app.extensions["llm_service.schema"])
+    params = gen.params(body)
+    g.log_fields.update(
+        model=params.model,
+        provider=gen.provider.name,
+        prompt_hash=prompt_hash(params.prompt),
+        prompt_length=len(params.prompt) + len(params.system or ""),
+    )
+    result = gen.generate(params, g.started_monotonic)
+    g.log_fields.update(result.log_fields())
+    return jsonify(request_id=g.request_id, output=result.completion.text, metadata=result.metadata())

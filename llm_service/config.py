@@ -1,0 +1,197 @@
+"""Settings, read once from the environment and validated at start-up."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .pricing import PriceTable, PricingError, load_price_table
+
+T = TypeVar("T")
+
+PROVIDERS = ("openai", "local")
+LOCAL_MODEL_NAME = "smollm2-135m-instruct"
+OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message names every one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    provider: str = "openai"
+    provider_reason: str = "set directly"
+    default_model: str = OPENAI_DEFAULT_MODEL
+    allowed_models: tuple[str, ...] = ()
+    max_chars: int = 4000
+    max_output_tokens: int = 4000
+    max_retries: int = 3
+    retry_delay_s: float = 1.0
+    retry_max_delay_s: float = 8.0
+    timeout_s: float = 30.0
+    deadline_s: float = 25.0
+    pricing_file: str | None = None
+    log_level: str = "INFO"
+    local_model_path: str | None = None
+    local_model_name: str = LOCAL_MODEL_NAME
+    local_threads: int = 0
+    local_context_tokens: int = 2048
+    price_table: PriceTable = field(default_factory=load_price_table, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.allowed_models:
+            object.__setattr__(self, "allowed_models", self._default_allowed_models())
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def _default_allowed_models(self) -> tuple[str, ...]:
+        if self.provider == "local":
+            return (self.local_model_name,)
+        return self.price_table.models
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Return the largest request body a valid request could need."""
+        # A character can take 12 bytes as a JSON-escaped surrogate pair; the rest is field overhead.
+        return self.max_chars * 12 + 16 * 1024
+
+    def problems(self) -> list[str]:
+        """List every inconsistent value; empty when the settings are usable."""
+        problems = []
+        if self.provider not in PROVIDERS:
+            problems.append(f"LLM_PROVIDER must be one of {', '.join(PROVIDERS)}")
+        if self.default_model not in self.allowed_models:
+            problems.append(f"DEFAULT_MODEL {self.default_model!r} is not in ALLOWED_MODELS")
+        if self.provider == "local" and self.allowed_models != (self.local_model_name,):
+            problems.append(f"ALLOWED_MODELS with LLM_PROVIDER=local can only be {self.local_model_name!r}")
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        if self.retry_max_delay_s < self.retry_delay_s:
+            problems.append("RETRY_MAX_DELAY must not be below RETRY_DELAY")
+        return problems
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from `environ`, raising one ConfigError that names every bad value."""
+        reader = _EnvReader(environ)
+        api_key = reader.text("OPENAI_API_KEY")
+        base_url = reader.text("OPENAI_BASE_URL")
+        provider, reason = _choose_provider(reader.text("LLM_PROVIDER"), api_key, base_url)
+        local_name = reader.text("LOCAL_MODEL_NAME") or LOCAL_MODEL_NAME
+        default_model = reader.text("DEFAULT_MODEL") or (
+            local_name if provider == "local" else OPENAI_DEFAULT_MODEL
+        )
+        pricing_file = reader.text("PRICING_FILE")
+        price_table = reader.parsed("PRICING_FILE", pricing_file, load_price_table)
+        values = dict(
+            openai_api_key=api_key,
+            openai_base_url=base_url,
+            provider=provider,
+            provider_reason=reason,
+            default_model=default_model,
+            allowed_models=tuple(m for m in (reader.text("ALLOWED_MODELS") or "").replace(" ", "").split(",") if m),
+            max_chars=reader.integer("MAX_CHARS", 4000, minimum=1),
+            max_output_tokens=reader.integer("MAX_OUTPUT_TOKENS", 4000, minimum=1),
+            max_retries=reader.integer("MAX_RETRIES", 3, minimum=0),
+            retry_delay_s=reader.number("RETRY_DELAY", 1.0, minimum=0.0),
+            retry_max_delay_s=reader.number("RETRY_MAX_DELAY", 8.0, minimum=0.0),
+            timeout_s=reader.number("TIMEOUT", 30.0, minimum=0.0, exclusive=True),
+            deadline_s=reader.number("DEADLINE", 25.0, minimum=0.0, exclusive=True),
+            pricing_file=pricing_file,
+            log_level=(reader.text("LOG_LEVEL") or "INFO").upper(),
+            local_model_path=reader.text("LOCAL_MODEL_PATH"),
+            local_model_name=local_name,
+            local_threads=reader.integer("LOCAL_THREADS", 0, minimum=0),
+            local_context_tokens=reader.integer("LOCAL_CONTEXT_TOKENS", 2048, minimum=256),
+        )
+        try:
+            settings = cls(price_table=price_table or load_price_table(), **values)  # type: ignore[arg-type]
+        except ConfigError as error:
+            raise ConfigError(reader.problems + error.problems) from None
+        if reader.problems:
+            raise ConfigError(reader.problems)
+        return settings
+
+    def describe(self) -> dict[str, object]:
+        """Return the settings safe to log: no secret, only whether it is set."""
+        return {
+            "provider": self.provider,
+            "provider_reason": self.provider_reason,
+            "default_model": self.default_model,
+            "allowed_models": len(self.allowed_models),
+            "openai_api_key_set": bool(self.openai_api_key),
+            "openai_base_url": self.openai_base_url or "default",
+            "max_chars": self.max_chars,
+            "max_output_tokens": self.max_output_tokens,
+            "max_retries": self.max_retries,
+            "timeout_s": self.timeout_s,
+            "deadline_s": self.deadline_s,
+            "price_source": self.price_table.source,
+        }
+
+
+def _choose_provider(explicit: str | None, api_key: str | None, base_url: str | None) -> tuple[str, str]:
+    if explicit:
+        return explicit.lower(), "LLM_PROVIDER is set"
+    if api_key or base_url:
+        return "openai", "OPENAI_API_KEY or OPENAI_BASE_URL is set"
+    return "local", "no OPENAI_API_KEY or OPENAI_BASE_URL is set"
+
+
+class _EnvReader:
+    """Typed access to the environment that collects every problem instead of stopping at the first."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def text(self, name: str) -> str | None:
+        value = self.environ.get(name, "").strip()
+        return value or None
+
+    def parsed(self, name: str, raw: str | None, parse: Callable[[str | None], T]) -> T | None:
+        try:
+            return parse(raw)
+        except PricingError as error:
+            self.problems.append(f"{name}: {error}")
+            return None
+
+    def integer(self, name: str, default: int, *, minimum: int) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be a whole number, got {raw!r}")
+            return default
+        if value < minimum:
+            self.problems.append(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be a number, got {raw!r}")
+            return default
+        if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
+            relation = "above" if exclusive else "at least"
+            self.problems.append(f"{name} must be a finite number {relation} {minimum:g}, got {raw!r}")
+        return value

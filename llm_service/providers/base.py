@@ -1,0 +1,78 @@
+"""What every backend takes and returns, so nothing above it knows which one ran."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One validated generation request."""
+
+    prompt: str
+    model: str
+    system: str | None = None
+    temperature: float = 0.7
+    max_tokens: int = 1000
+
+    def messages(self) -> list[dict[str, str]]:
+        """Return the chat messages: the system message, if any, then the prompt."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages.append({"role": "user", "content": self.prompt})
+        return messages
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Token counts as the backend reported them."""
+
+    input: int = 0
+    output: int = 0
+    cached_input: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation."""
+
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: TokenUsage | None
+    attempts: int = 1
+    upstream_request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of streamed text."""
+
+    text: str
+
+
+class Provider(Protocol):
+    """A backend that turns GenerationParams into a Completion before a monotonic deadline."""
+
+    name: str
+
+    def complete(self, params: GenerationParams, deadline_monotonic: float) -> Completion:
+        """Generate the whole answer."""
+        ...
+
+    def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
+        """Yield text deltas as they come, then the Completion."""
+        ...
+
+    def is_ready(self) -> bool:
+        """Return whether the backend can serve now."""
+        ...
+
+    def warm_up(self) -> None:
+        """Do the one-time work (client, model load) before the first request."""
+        ...

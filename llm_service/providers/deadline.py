@@ -1,0 +1,100 @@
+"""An HTTP transport whose every socket operation ends by the current attempt's deadline.
+
+httpx's read timeout restarts with each chunk, so an upstream that drips its body a byte at a time
+would never time out. Here each connect, read and write gets at most the time left before a deadline
+held in a context variable, and an operation that starts after it fails at once with a timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import httpcore2
+import httpx2
+from httpcore2 import NetworkBackend, NetworkStream
+
+_deadline_var: ContextVar[float | None] = ContextVar("upstream_deadline", default=None)
+
+
+@contextmanager
+def deadline(deadline_monotonic: float) -> Iterator[None]:
+    """Bound every upstream socket operation in this block by `deadline_monotonic`."""
+    token = _deadline_var.set(deadline_monotonic)
+    try:
+        yield
+    finally:
+        _deadline_var.reset(token)
+
+
+def _bounded(timeout: float | None, error: type[Exception]) -> float | None:
+    limit = _deadline_var.get()
+    if limit is None:
+        return timeout
+    remaining = limit - time.monotonic()
+    if remaining <= 0:
+        raise error("deadline reached")
+    return remaining if timeout is None else min(timeout, remaining)
+
+
+class _DeadlineStream(NetworkStream):
+    def __init__(self, inner: NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _bounded(timeout, httpcore2.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _bounded(timeout, httpcore2.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> NetworkStream:
+        bounded = _bounded(timeout, httpcore2.ConnectTimeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bounded))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(NetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore2.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> NetworkStream:
+        bounded = _bounded(timeout, httpcore2.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_tcp(host, port, bounded, local_address, socket_options))
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> NetworkStream:
+        bounded = _bounded(timeout, httpcore2.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, bounded, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class DeadlineTransport(httpx2.HTTPTransport):
+    """httpx's own transport, on a connection pool whose sockets obey the deadline."""
+
+    def __init__(self, *, max_connections: int = 1000, max_keepalive_connections: int = 100) -> None:
+        super().__init__()
+        self._pool = httpcore2.ConnectionPool(
+            ssl_context=httpx2.create_ssl_context(),
+            max_connections=max_connections,
+            max_keepalive_connections=max_keepalive_connections,
+            keepalive_expiry=5.0,
+            network_backend=_DeadlineBackend(),
+        )

@@ -1,0 +1,177 @@
+"""The OpenAI-compatible backend: the official client, one retry loop, errors translated here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+
+from ..config import Settings
+from ..errors import (
+    ServiceError,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamQuotaExceeded,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+from .base import Completion, GenerationParams, TextDelta, TokenUsage
+from .deadline import DeadlineTransport, deadline
+from .retry import Retryable, RetryPolicy
+
+log = logging.getLogger("llm_service.providers.openai")
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+# Errors in reading a 200 body that the client's models do not catch themselves.
+_BAD_BODY_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """Return the upstream's requested wait from retry-after-ms or Retry-After (seconds), if any."""
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) / divisor
+        except ValueError:
+            continue
+        if value >= 0:
+            return value
+    return None
+
+
+def translate_status_error(error: openai.APIStatusError) -> ServiceError | Retryable:
+    """Map an upstream HTTP error to the service error a client sees, wrapped if worth retrying."""
+    status = error.status_code
+    ids = {"upstream_request_id": error.request_id}
+    if status == 429:
+        if error.code == "insufficient_quota":
+            log.error("upstream quota exhausted", extra={"upstream_status": status})
+            return UpstreamQuotaExceeded(**ids)
+        wait_s = retry_after_s(error.response.headers)
+        return Retryable(UpstreamRateLimited(retry_after_s=wait_s or 1.0, **ids), "rate_limited", wait_s)
+    if status in (401, 403):
+        log.error("upstream refused our credentials", extra={"upstream_status": status})
+        return UpstreamAuthError(**ids)
+    if status == 408:
+        return Retryable(UpstreamTimeout(**ids), "timeout")
+    if status >= 500 or status in RETRYABLE_STATUSES:
+        return Retryable(UpstreamError(**ids), f"status_{status}")
+    if status in (400, 422):
+        return UpstreamRejected(**ids)
+    log.error("upstream answered with an unexpected status", extra={"upstream_status": status})
+    return UpstreamError(**ids)
+
+
+def translate(error: Exception) -> ServiceError | Retryable:
+    """Map any exception from the openai client to a service error, wrapped if worth retrying."""
+    if isinstance(error, openai.APITimeoutError):
+        return Retryable(UpstreamTimeout(), "timeout")
+    if isinstance(error, openai.APIConnectionError):
+        return Retryable(UpstreamError(), "connection_error")
+    if isinstance(error, openai.APIStatusError):
+        return translate_status_error(error)
+    return Retryable(UpstreamError(), "bad_body")
+
+
+class OpenAIProvider:
+    """Chat completions from any OpenAI-compatible server."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._policy = RetryPolicy(
+            max_retries=settings.max_retries,
+            base_delay_s=settings.retry_delay_s,
+            max_delay_s=settings.retry_max_delay_s,
+        )
+        # OpenAI's own API wants max_completion_tokens (reasoning models refuse max_tokens);
+        # most compatible servers (vLLM, Ollama, llama.cpp) know only max_tokens.
+        self._max_tokens_param = "max_tokens" if settings.openai_base_url else "max_completion_tokens"
+        self._client: openai.OpenAI | None = None
+        self._client_pid: int | None = None
+        self._client_lock = threading.Lock()
+
+    def client(self) -> openai.OpenAI:
+        """Return this process's client, made on first use so that each forked worker has its own pool."""
+        pid = os.getpid()
+        if self._client is None or self._client_pid != pid:
+            with self._client_lock:
+                if self._client is None or self._client_pid != pid:
+                    self._client = openai.OpenAI(
+                        api_key=self._settings.openai_api_key or "unused",
+                        base_url=self._settings.openai_base_url,
+                        max_retries=0,  # backoff owns the one retry loop
+                        timeout=self._settings.timeout_s,
+                        http_client=openai.DefaultHttpxClient(transport=DeadlineTransport()),
+                    )
+                    self._client_pid = pid
+        return self._client
+
+    def is_ready(self) -> bool:
+        return True
+
+    def warm_up(self) -> None:
+        """Build the client and load the chat resource now, so the first request doesn't pay for it."""
+        _ = self.client().chat.completions
+
+    def _request_args(self, params: GenerationParams, attempt_deadline: float) -> dict[str, Any]:
+        return {
+            "model": params.model,
+            "messages": params.messages(),
+            "temperature": params.temperature,
+            self._max_tokens_param: params.max_tokens,
+            "timeout": max(attempt_deadline - time.monotonic(), 0.001),
+        }
+
+    def _attempt_deadline(self, deadline_monotonic: float) -> float:
+        return min(deadline_monotonic, time.monotonic() + self._settings.timeout_s)
+
+    def complete(self, params: GenerationParams, deadline_monotonic: float) -> Completion:
+        client = self.client()
+
+        def attempt(number: int) -> Completion:
+            attempt_deadline = self._attempt_deadline(deadline_monotonic)
+            try:
+                with deadline(attempt_deadline):
+                    response = client.chat.completions.create(**self._request_args(params, attempt_deadline))
+                return _completion(response, number)
+            except (openai.APIError, *_BAD_BODY_ERRORS) as error:
+                raise translate(error) from None
+
+        return self._policy.run(attempt, deadline_monotonic)
+
+    def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
+        raise NotImplementedError
+
+
+def _completion(response: Any, attempts: int) -> Completion:
+    choice = response.choices[0]
+    return Completion(
+        text=choice.message.content or "",
+        model=response.model,
+        finish_reason=choice.finish_reason,
+        usage=_usage(response.usage),
+        attempts=attempts,
+        upstream_request_id=getattr(response, "_request_id", None),
+    )
+
+
+def _usage(usage: Any) -> TokenUsage | None:
+    """Return the reported token counts; None when the server sent none (some compatible servers don't)."""
+    if usage is None:
+        return None
+    details = getattr(usage, "prompt_tokens_details", None)
+    return TokenUsage(
+        input=int(usage.prompt_tokens),
+        output=int(usage.completion_tokens),
+        cached_input=int(getattr(details, "cached_tokens", None) or 0),
+    )

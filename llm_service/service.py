@@ -1,0 +1,107 @@
+"""The generation use-case: pick the model, call the backend, price the answer."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from .config import Settings
+from .pricing import PriceTable
+from .providers import build_provider
+from .providers.base import Completion, GenerationParams, Provider, TextDelta
+
+
+def prompt_hash(prompt: str) -> str:
+    """Return the first 16 hex digits of the prompt's SHA-256: joinable in logs, not reversible to text."""
+    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A priced completion, ready to answer with."""
+
+    completion: Completion
+    provider: str
+    cost_usd: Decimal | None
+    latency_ms: float
+
+    def metadata(self) -> dict[str, Any]:
+        """Return the response's metadata object."""
+        usage = self.completion.usage
+        tokens = None if usage is None else {"input": usage.input, "output": usage.output, "total": usage.total}
+        if usage is not None and usage.cached_input:
+            tokens = {**(tokens or {}), "cached_input": usage.cached_input}
+        return {
+            "model": self.completion.model,
+            "provider": self.provider,
+            "finish_reason": self.completion.finish_reason,
+            "attempts": self.completion.attempts,
+            "tokens": tokens,
+            "cost_usd": None if self.cost_usd is None else float(self.cost_usd),
+            "latency_ms": self.latency_ms,
+        }
+
+    def log_fields(self) -> dict[str, Any]:
+        """Return the summary-log fields this generation adds: counts, never text."""
+        usage = self.completion.usage
+        return {
+            "model": self.completion.model,
+            "provider": self.provider,
+            "finish_reason": self.completion.finish_reason,
+            "response_length": len(self.completion.text),
+            "tokens_input": None if usage is None else usage.input,
+            "tokens_cached_input": None if usage is None else usage.cached_input,
+            "tokens_output": None if usage is None else usage.output,
+            "tokens_total": None if usage is None else usage.total,
+            "cost_usd": None if self.cost_usd is None else float(self.cost_usd),
+            "attempts": self.completion.attempts,
+            "upstream_request_id": self.completion.upstream_request_id,
+        }
+
+
+class GenerationService:
+    """Turns validated requests into priced generations through one provider."""
+
+    def __init__(self, settings: Settings, provider: Provider | None = None) -> None:
+        self.settings = settings
+        self.provider: Provider = provider or build_provider(settings)
+        self.prices: PriceTable = settings.price_table
+
+    def params(self, body: dict[str, Any]) -> GenerationParams:
+        """Return GenerationParams from a validated body, with the default model filled in."""
+        return GenerationParams(
+            prompt=body["prompt"],
+            system=body.get("system"),
+            model=body.get("model") or self.settings.default_model,
+            temperature=body["temperature"],
+            max_tokens=body["max_tokens"],
+        )
+
+    def deadline(self, started_monotonic: float) -> float:
+        """Return the monotonic time by which the whole request must be answered."""
+        return started_monotonic + self.settings.deadline_s
+
+    def generate(self, params: GenerationParams, started_monotonic: float) -> Generation:
+        """Generate an answer before the request's deadline and price it."""
+        completion = self.provider.complete(params, self.deadline(started_monotonic))
+        return self.priced(completion, params, started_monotonic)
+
+    def stream(self, params: GenerationParams, started_monotonic: float) -> Iterator[TextDelta | Completion]:
+        """Yield deltas, then the final Completion, from the provider."""
+        return self.provider.stream(params, self.deadline(started_monotonic))
+
+    def priced(self, completion: Completion, params: GenerationParams, started_monotonic: float) -> Generation:
+        """Attach cost and latency to a finished completion."""
+        usage = completion.usage
+        cost_usd = None
+        if usage is not None:
+            price = self.prices.price_for(completion.model, params.model)
+            cost_usd = self.prices.cost_usd(
+                price, input_tokens=usage.input, cached_input_tokens=usage.cached_input, output_tokens=usage.output
+            )
+        latency_ms = round((time.monotonic() - started_monotonic) * 1000, 1)
+        return Generation(completion, self.provider.name, cost_usd, latency_ms)
