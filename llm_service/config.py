@@ -48,6 +48,7 @@ class Settings:
     local_model_name: str = LOCAL_MODEL_NAME
     local_threads: int = 0
     local_context_tokens: int = 2048
+    local_repeat_penalty: float = 1.1
     price_table: PriceTable = field(default_factory=load_price_table, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +117,7 @@ class Settings:
             local_model_name=local_name,
             local_threads=reader.integer("LOCAL_THREADS", 0, minimum=0),
             local_context_tokens=reader.integer("LOCAL_CONTEXT_TOKENS", 2048, minimum=256),
+            local_repeat_penalty=reader.number("LOCAL_REPEAT_PENALTY", 1.1, minimum=0.0, exclusive=True),
         )
         try:
             settings = cls(price_table=price_table or load_price_table(), **values)  # type: ignore[arg-type]

@@ -1,0 +1,146 @@
+"""The embedded model, run for real: SmolLM2-135M-Instruct through llama.cpp."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from llm_service import create_app
+from llm_service.config import Settings
+from llm_service.errors import LocalModelBusy, UpstreamRejected, UpstreamTimeout
+from llm_service.providers.base import GenerationParams
+from llm_service.providers.local import LocalProvider
+from tests.servers import Service
+
+pytest.importorskip("llama_cpp", reason="the local model is installed by `make test`")
+pytestmark = pytest.mark.local_model
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def local_settings() -> Settings:
+    return Settings.from_env({"LOCAL_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def local_client(local_settings: Settings) -> FlaskClient:
+    return create_app(local_settings).test_client()
+
+
+@pytest.fixture(scope="module")
+def provider(local_settings: Settings) -> LocalProvider:
+    local = LocalProvider(local_settings)
+    local.warm_up()
+    return local
+
+
+def test_local_model_answers_with_real_text_and_token_counts(local_client: FlaskClient) -> None:
+    response = local_client.post("/generate", json={"prompt": QUESTION, "max_tokens": 48})
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["output"].strip()
+    meta = body["metadata"]
+    assert (meta["provider"], meta["model"]) == ("local", "smollm2-135m-instruct")
+    tokens = meta["tokens"]
+    assert 8 < tokens["input"] < 100  # the question inside the GGUF's chat template
+    assert 0 < tokens["output"] <= 48
+    assert tokens["total"] == tokens["input"] + tokens["output"]
+    assert meta["finish_reason"] in ("stop", "length")
+    assert meta["cost_usd"] is None
+
+
+def test_temperature_zero_is_deterministic(local_client: FlaskClient) -> None:
+    outputs = {
+        local_client.post("/generate", json={"prompt": QUESTION, "temperature": 0, "max_tokens": 24}).get_json()[
+            "output"
+        ]
+        for _ in range(3)
+    }
+    assert len(outputs) == 1
+
+
+def test_max_tokens_is_respected(local_client: FlaskClient) -> None:
+    body = local_client.post("/generate", json={"prompt": "Write a long story about a dragon.", "max_tokens": 5})
+    meta = body.get_json()["metadata"]
+    assert meta["tokens"]["output"] == 5
+    assert meta["finish_reason"] == "length"
+
+
+def test_system_message_changes_the_prompt(local_client: FlaskClient) -> None:
+    plain = local_client.post("/generate", json={"prompt": QUESTION, "max_tokens": 1}).get_json()
+    with_system = local_client.post(
+        "/generate", json={"prompt": QUESTION, "system": "You answer in one word.", "max_tokens": 1}
+    ).get_json()
+    assert plain["metadata"]["tokens"]["input"] != with_system["metadata"]["tokens"]["input"]
+
+
+def test_generation_is_cut_at_the_deadline(provider: LocalProvider) -> None:
+    params = GenerationParams(prompt="Count from one to one thousand.", model="smollm2-135m-instruct", max_tokens=1500)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        provider.complete(params, time.monotonic() + 0.5)
+    assert time.monotonic() - started < 1.5
+
+
+def test_waiting_for_a_busy_model_is_bounded_by_the_deadline(provider: LocalProvider) -> None:
+    long = GenerationParams(prompt="Write a long essay on the history of Rome.", model="smollm2-135m-instruct",
+                            max_tokens=1500, temperature=0)
+    short = GenerationParams(prompt="Hi", model="smollm2-135m-instruct", max_tokens=4)
+    holder_done: list[float] = []
+
+    def hold() -> None:
+        try:
+            provider.complete(long, time.monotonic() + 2.0)
+        except UpstreamTimeout:
+            pass
+        holder_done.append(time.monotonic())
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    with pytest.raises(LocalModelBusy):
+        provider.complete(short, time.monotonic() + 0.3)
+    rejected = time.monotonic()
+    assert rejected - started < 1.0
+    holder.join()
+    assert holder_done[0] > rejected  # the model really was busy when the short request gave up
+
+
+def test_prompt_beyond_the_context_window_is_rejected(provider: LocalProvider) -> None:
+    params = GenerationParams(prompt="word " * 3000, model="smollm2-135m-instruct", max_tokens=100)
+    with pytest.raises(UpstreamRejected):
+        provider.complete(params, time.monotonic() + 10)
+
+
+@pytest.fixture(scope="module")
+def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    log_path: Path = tmp_path_factory.mktemp("local") / "service.log"
+    with Service({"WEB_CONCURRENCY": "2", "THREADS": "8", "LOCAL_THREADS": "1"}, log_path) as running:
+        yield running
+
+
+@pytest.mark.e2e
+def test_procfile_starts_on_the_local_model_without_any_key(local_service: Service) -> None:
+    status, body, _ = local_service.generate({"prompt": QUESTION, "max_tokens": 32})
+    assert status == 200
+    assert body["metadata"]["provider"] == "local"
+    assert body["output"].strip()
+    chosen = [r for r in local_service.log_records() if r.get("message") == "service configured"]
+    assert chosen and chosen[0]["provider"] == "local"
+    assert "no OPENAI_API_KEY" in chosen[0]["provider_reason"]
+
+
+@pytest.mark.e2e
+def test_eight_concurrent_requests_all_succeed(local_service: Service) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: local_service.generate({"prompt": f"Say {i}.", "max_tokens": 16}), range(8)))
+    assert [status for status, _, _ in results] == [200] * 8
+    assert all(body["output"].strip() for _, body, _ in results)
