@@ -93,7 +93,8 @@ def load_body(schema: GenerateRequestSchema) -> dict[str, Any]:
     try:
         return schema.load(body)  # type: ignore[no-any-return]
     except ValidationError as error:
-        raise InvalidRequest("The request has invalid fields.", details=error.normalized_messages()) from None
+        details: dict[str, Any] = error.normalized_messages()  # type: ignore[no-untyped-call]
+        raise InvalidRequest("The request has invalid fields.", details=details) from None
 
 
 @bp.get("/health")

@@ -92,9 +92,7 @@ class Settings:
         base_url = reader.text("OPENAI_BASE_URL")
         provider, reason = _choose_provider(reader.text("LLM_PROVIDER"), api_key, base_url)
         local_name = reader.text("LOCAL_MODEL_NAME") or LOCAL_MODEL_NAME
-        default_model = reader.text("DEFAULT_MODEL") or (
-            local_name if provider == "local" else OPENAI_DEFAULT_MODEL
-        )
+        default_model = reader.text("DEFAULT_MODEL") or (local_name if provider == "local" else OPENAI_DEFAULT_MODEL)
         pricing_file = reader.text("PRICING_FILE")
         price_table = reader.parsed("PRICING_FILE", pricing_file, load_price_table)
         values = dict(

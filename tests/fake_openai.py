@@ -79,12 +79,12 @@ class Seen:
 class FakeOpenAI:
     """Answer from a script of Replies, then with `default`; record every request."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.script: deque[Reply] = deque()
         self.default = ok()
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
-        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _QuietServer(("127.0.0.1", port), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
@@ -182,9 +182,7 @@ class FakeOpenAI:
                 try:
                     for index, piece in enumerate(reply.chunks):
                         if reply.fail_after_chunks is not None and index == reply.fail_after_chunks:
-                            self.connection.setsockopt(
-                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                            )
+                            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                             self.connection.close()
                             self.close_connection = True
                             return
@@ -193,8 +191,16 @@ class FakeOpenAI:
                     self._chunk(stream_chunk(model, {}, "stop"))
                     if (seen.body.get("stream_options") or {}).get("include_usage"):
                         usage = usage_of(reply)
-                        self._chunk({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
-                                     "model": model, "choices": [], "usage": usage})
+                        self._chunk(
+                            {
+                                "id": "chatcmpl-fake",
+                                "object": "chat.completion.chunk",
+                                "created": 0,
+                                "model": model,
+                                "choices": [],
+                                "usage": usage,
+                            }
+                        )
                     self._write_chunk(b"data: [DONE]\n\n")
                     self._write_chunk(b"")
                 except OSError:
@@ -226,9 +232,7 @@ def completion(reply: Reply, request_body: dict[str, Any]) -> dict[str, Any]:
         "object": "chat.completion",
         "created": 0,
         "model": reply.model or request_body.get("model", "gpt-4o-mini"),
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": "stop"}
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": "stop"}],
         "usage": usage_of(reply),
     }
 
@@ -241,3 +245,21 @@ def stream_chunk(model: str, delta: dict[str, Any], finish_reason: str | None) -
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
     }
+
+
+def main() -> None:
+    """Serve the fake on a port, every answer after `--delay-s`: for benchmarks, in its own process."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--delay-s", type=float, default=0.0)
+    args = parser.parse_args()
+    fake = FakeOpenAI(port=args.port)
+    fake.default = ok(delay_s=args.delay_s)
+    print(fake.url, flush=True)
+    fake._server.serve_forever(0.05)
+
+
+if __name__ == "__main__":
+    main()

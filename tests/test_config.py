@@ -59,8 +59,16 @@ def test_every_bad_value_is_named_in_one_error(tmp_path: Path) -> None:
             }
         )
     message = str(caught.value)
-    for name in ("MAX_CHARS", "MAX_OUTPUT_TOKENS", "RETRY_DELAY", "TIMEOUT", "DEADLINE", "DEFAULT_MODEL",
-                 "LOG_LEVEL", "PRICING_FILE"):
+    for name in (
+        "MAX_CHARS",
+        "MAX_OUTPUT_TOKENS",
+        "RETRY_DELAY",
+        "TIMEOUT",
+        "DEADLINE",
+        "DEFAULT_MODEL",
+        "LOG_LEVEL",
+        "PRICING_FILE",
+    ):
         assert name in message
     assert len(caught.value.problems) == 8
 

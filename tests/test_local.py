@@ -90,8 +90,12 @@ def test_generation_is_cut_at_the_deadline(provider: LocalProvider) -> None:
 
 
 def test_waiting_for_a_busy_model_is_bounded_by_the_deadline(provider: LocalProvider) -> None:
-    long = GenerationParams(prompt="Write a long essay on the history of Rome.", model="smollm2-135m-instruct",
-                            max_tokens=1500, temperature=0)
+    long = GenerationParams(
+        prompt="Write a long essay on the history of Rome.",
+        model="smollm2-135m-instruct",
+        max_tokens=1500,
+        temperature=0,
+    )
     short = GenerationParams(prompt="Hi", model="smollm2-135m-instruct", max_tokens=4)
     holder_done: list[float] = []
 

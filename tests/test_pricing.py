@@ -50,7 +50,9 @@ def test_unknown_model_costs_none() -> None:
 
 def test_override_file_adds_and_replaces(tmp_path: Path) -> None:
     path = tmp_path / "prices.json"
-    path.write_text(json.dumps({"models": {"gpt-4o-mini": {"input": 1, "output": 2}, "llama3": {"input": 0, "output": 0}}}))
+    path.write_text(
+        json.dumps({"models": {"gpt-4o-mini": {"input": 1, "output": 2}, "llama3": {"input": 0, "output": 0}}})
+    )
     table = load_price_table(str(path))
     assert table.prices["gpt-4o-mini"].input_usd_per_mtok == Decimal("1")
     assert table.prices["llama3"].output_usd_per_mtok == Decimal("0")
@@ -60,8 +62,13 @@ def test_override_file_adds_and_replaces(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    ['{"models": {"m": {"input": "x", "output": 1}}}', '{"models": {"m": {"input": -1, "output": 1}}}',
-     '{"models": {"m": {"output": 1}}}', '{"nope": 1}', "not json"],
+    [
+        '{"models": {"m": {"input": "x", "output": 1}}}',
+        '{"models": {"m": {"input": -1, "output": 1}}}',
+        '{"models": {"m": {"output": 1}}}',
+        '{"nope": 1}',
+        "not json",
+    ],
 )
 def test_bad_override_file_is_refused(tmp_path: Path, content: str) -> None:
     path = tmp_path / "prices.json"

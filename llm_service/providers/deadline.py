@@ -53,7 +53,9 @@ class _DeadlineStream(NetworkStream):
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> NetworkStream:
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> NetworkStream:
         bounded = _bounded(timeout, httpcore2.ConnectTimeout)
         return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bounded))
 

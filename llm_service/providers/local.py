@@ -6,8 +6,11 @@ import importlib.metadata
 import logging
 import math
 import os
+import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,20 +45,26 @@ def default_model_path() -> Path:
 
 
 class _Watchdog:
-    """A llama.cpp logits processor that ends generation at the deadline or on cancel.
+    """A llama.cpp logits processor: counts tokens, and ends generation at the deadline or on cancel.
 
-    llama.cpp calls it from C, where an exception would be ignored, so it stops the model the only
-    way a sampler can: every token but end-of-sequence becomes impossible.
+    llama.cpp calls it from C for every sampled token, where an exception would be ignored, so it stops
+    the model the only way a sampler can: every token but end-of-sequence becomes impossible.
     """
 
-    def __init__(self, eos_token: int, deadline_monotonic: float, cancelled: threading.Event | None = None) -> None:
+    def __init__(self, eos_token: int, deadline_monotonic: float | None) -> None:
         self.eos_token = eos_token
         self.deadline_monotonic = deadline_monotonic
-        self.cancelled = cancelled
+        self.cancelled = threading.Event()
         self.fired = False
+        self.prompt_tokens = 0
+        self.samples = 0
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        if self.fired or time.monotonic() >= self.deadline_monotonic or (self.cancelled and self.cancelled.is_set()):
+        if self.samples == 0:
+            self.prompt_tokens = len(input_ids)
+        self.samples += 1
+        past_deadline = self.deadline_monotonic is not None and time.monotonic() >= self.deadline_monotonic
+        if self.fired or past_deadline or self.cancelled.is_set():
             self.fired = True
             scores[:] = -math.inf
             scores[self.eos_token] = 0.0
@@ -63,7 +72,12 @@ class _Watchdog:
 
 
 class LocalProvider:
-    """Chat completions from a GGUF model in this process."""
+    """Chat completions from a GGUF model in this process.
+
+    A llama.cpp context is not thread-safe, and llama.cpp's OpenMP thread team belongs to the thread that
+    calls it (a team per calling thread, each spinning, halves throughput), so every generation in a
+    worker runs on that worker's one model thread; request threads queue for it, bounded by the deadline.
+    """
 
     name = "local"
 
@@ -71,24 +85,24 @@ class LocalProvider:
         self._settings = settings
         self._model_name = settings.local_model_name
         self._llama: Any = None
-        self._llama_pid: int | None = None
-        # A llama.cpp context is not thread-safe: one generation at a time in each worker.
-        self._lock = threading.Lock()
+        self._runner: ThreadPoolExecutor | None = None
+        self._pid: int | None = None
         self._load_lock = threading.Lock()
 
     def model_path(self) -> Path:
         configured = self._settings.local_model_path
         return Path(configured) if configured else default_model_path()
 
-    def llama(self) -> Any:
-        """Return this process's model, loaded once (mmap'd, so forked workers share its pages)."""
+    def _runtime(self) -> tuple[Any, ThreadPoolExecutor]:
+        """Return this process's model and model thread, made once (the file is mmap'd: workers share it)."""
         pid = os.getpid()
-        if self._llama is None or self._llama_pid != pid:
+        if self._runner is None or self._pid != pid:
             with self._load_lock:
-                if self._llama is None or self._llama_pid != pid:
-                    self._llama = self._load()
-                    self._llama_pid = pid
-        return self._llama
+                if self._runner is None or self._pid != pid:
+                    runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-model")
+                    self._llama = runner.submit(self._load).result()
+                    self._runner, self._pid = runner, pid
+        return self._llama, self._runner
 
     def _load(self) -> Any:
         from llama_cpp import Llama
@@ -117,17 +131,12 @@ class LocalProvider:
         return llama
 
     def is_ready(self) -> bool:
-        return self._llama is not None and self._llama_pid == os.getpid()
+        return self._runner is not None and self._pid == os.getpid()
 
     def warm_up(self) -> None:
-        self.llama()
+        self._runtime()
 
-    def _acquire(self, deadline_monotonic: float) -> None:
-        wait_s = deadline_monotonic - time.monotonic()
-        if wait_s <= 0 or not self._lock.acquire(timeout=wait_s):
-            raise LocalModelBusy(retry_after_s=1.0)
-
-    def _chat_args(self, params: GenerationParams, watchdog: _Watchdog) -> dict[str, Any]:
+    def _chat_args(self, params: GenerationParams, watchdog: _Watchdog, stream: bool) -> dict[str, Any]:
         from llama_cpp import LogitsProcessorList
 
         return {
@@ -137,20 +146,27 @@ class LocalProvider:
             "repeat_penalty": self._settings.local_repeat_penalty,
             "seed": SEED,
             "logits_processor": LogitsProcessorList([watchdog]),
+            "stream": stream,
         }
 
-    def complete(self, params: GenerationParams, deadline_monotonic: float) -> Completion:
-        llama = self.llama()
-        watchdog = _Watchdog(llama.token_eos(), deadline_monotonic)
-        self._acquire(deadline_monotonic)
+    @staticmethod
+    def _started_in_time(future: Future[Any], deadline_monotonic: float, poll: Any) -> Any:
+        """Wait for the model thread; a job still queued at the deadline is withdrawn: the model is busy."""
         try:
-            result = llama.create_chat_completion(**self._chat_args(params, watchdog))
+            return poll(max(deadline_monotonic - time.monotonic(), 0.0))
+        except (FutureTimeout, queue.Empty):
+            if future.cancel():
+                raise LocalModelBusy(retry_after_s=1.0) from None
+            return poll(None)  # running: its watchdog ends it at the next token
+
+    def complete(self, params: GenerationParams, deadline_monotonic: float) -> Completion:
+        llama, runner = self._runtime()
+        watchdog = _Watchdog(llama.token_eos(), deadline_monotonic)
+        future = runner.submit(llama.create_chat_completion, **self._chat_args(params, watchdog, stream=False))
+        try:
+            result = self._started_in_time(future, deadline_monotonic, lambda timeout: future.result(timeout))
         except ValueError as error:
-            # llama.cpp refuses a prompt plus max_tokens that exceed its context window.
-            log.warning("local model refused the request", extra={"reason": str(error)[:200]})
-            raise UpstreamRejected("The prompt and max_tokens do not fit the local model's context.") from None
-        finally:
-            self._lock.release()
+            raise _rejected(error) from None
         if watchdog.fired:
             raise UpstreamTimeout("The local model did not finish before the deadline.", attempts=1)
         choice = result["choices"][0]
@@ -163,4 +179,52 @@ class LocalProvider:
         )
 
     def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
-        raise NotImplementedError
+        """Yield deltas as the model makes them; the deadline bounds the wait for the model thread only."""
+        llama, runner = self._runtime()
+        watchdog = _Watchdog(llama.token_eos(), None)
+        chunks: queue.Queue[Any] = queue.Queue()
+        future = runner.submit(self._pump, llama, self._chat_args(params, watchdog, stream=True), chunks)
+        texts: list[str] = []
+        finish_reason = None
+        try:
+            item = self._started_in_time(future, deadline_monotonic, lambda timeout: chunks.get(timeout=timeout))
+            while item is not _END:
+                if isinstance(item, Exception):
+                    raise _rejected(item) if isinstance(item, ValueError) else item
+                choice = item["choices"][0]
+                piece = choice["delta"].get("content")
+                finish_reason = choice.get("finish_reason") or finish_reason
+                if piece:
+                    texts.append(piece)
+                    yield TextDelta(piece)
+                item = chunks.get()
+        finally:
+            watchdog.cancelled.set()  # a client that went away stops the model at its next token
+        # The watchdog saw every sampled token; the one that ended a finished answer is not output.
+        output_tokens = watchdog.samples - 1 if finish_reason == "stop" else watchdog.samples
+        yield Completion(
+            text="".join(texts),
+            model=self._model_name,
+            finish_reason=finish_reason,
+            usage=TokenUsage(input=watchdog.prompt_tokens, output=max(output_tokens, 0)),
+        )
+
+    @staticmethod
+    def _pump(llama: Any, args: dict[str, Any], chunks: queue.Queue[Any]) -> None:
+        """Run a streamed generation on the model thread, handing each chunk to the request thread."""
+        try:
+            for chunk in llama.create_chat_completion(**args):
+                chunks.put(chunk)
+        except Exception as error:  # handed over to the request thread, which raises it
+            chunks.put(error)
+        finally:
+            chunks.put(_END)
+
+
+_END = object()
+
+
+def _rejected(error: ValueError) -> UpstreamRejected:
+    """Translate llama.cpp's refusal of a prompt plus max_tokens beyond its context window."""
+    log.warning("local model refused the request", extra={"reason": str(error)[:200]})
+    return UpstreamRejected("The prompt and max_tokens do not fit the local model's context.")

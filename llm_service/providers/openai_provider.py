@@ -50,24 +50,26 @@ def retry_after_s(headers: Any) -> float | None:
 def translate_status_error(error: openai.APIStatusError) -> ServiceError | Retryable:
     """Map an upstream HTTP error to the service error a client sees, wrapped if worth retrying."""
     status = error.status_code
-    ids = {"upstream_request_id": error.request_id}
+    rid = error.request_id
     if status == 429:
         if error.code == "insufficient_quota":
             log.error("upstream quota exhausted", extra={"upstream_status": status})
-            return UpstreamQuotaExceeded(**ids)
+            return UpstreamQuotaExceeded(upstream_request_id=rid)
         wait_s = retry_after_s(error.response.headers)
-        return Retryable(UpstreamRateLimited(retry_after_s=wait_s or 1.0, **ids), "rate_limited", wait_s)
+        return Retryable(
+            UpstreamRateLimited(retry_after_s=wait_s or 1.0, upstream_request_id=rid), "rate_limited", wait_s
+        )
     if status in (401, 403):
         log.error("upstream refused our credentials", extra={"upstream_status": status})
-        return UpstreamAuthError(**ids)
+        return UpstreamAuthError(upstream_request_id=rid)
     if status == 408:
-        return Retryable(UpstreamTimeout(**ids), "timeout")
+        return Retryable(UpstreamTimeout(upstream_request_id=rid), "timeout")
     if status >= 500 or status in RETRYABLE_STATUSES:
-        return Retryable(UpstreamError(**ids), f"status_{status}")
+        return Retryable(UpstreamError(upstream_request_id=rid), f"status_{status}")
     if status in (400, 422):
-        return UpstreamRejected(**ids)
+        return UpstreamRejected(upstream_request_id=rid)
     log.error("upstream answered with an unexpected status", extra={"upstream_status": status})
-    return UpstreamError(**ids)
+    return UpstreamError(upstream_request_id=rid)
 
 
 def translate(error: Exception) -> ServiceError | Retryable:

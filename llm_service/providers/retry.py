@@ -68,7 +68,7 @@ class RetryPolicy:
             )
 
         retrying = backoff.on_exception(
-            lambda: self._waits(deadline_monotonic),
+            lambda: self._waits(deadline_monotonic),  # type: ignore[arg-type, return-value]
             Retryable,
             max_tries=self.max_retries + 1,
             jitter=None,
