@@ -41,6 +41,10 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_int_env('PORT', 8000)}"
 worker_class = "gthread"
 workers = _int_env("WEB_CONCURRENCY", 2)
 threads = _int_env("THREADS", 64)
+# A worker takes at most this many connections: one per thread plus a few idle keep-alive ones. Past
+# that it stops accepting, so a worker whose threads are all busy (say, holding long streams) leaves
+# new connections to a worker with free threads instead of queueing them behind its own.
+worker_connections = threads + max(8, threads // 4)
 
 # The app (and its openai client or local model) is built in each worker after fork, never shared.
 preload_app = False

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 from marshmallow import ValidationError
 
-from .errors import InvalidRequest, ServiceError
+from .errors import InvalidRequest, ServiceError, envelope
 from .logs import request_id_var
+from .providers.base import GenerationParams, TextDelta
 from .schemas import GenerateRequestSchema
 from .service import GenerationService, prompt_hash
 
@@ -116,6 +119,54 @@ def generate() -> Response:
         prompt_hash=prompt_hash(params.prompt),
         prompt_length=len(params.prompt) + len(params.system or ""),
     )
+    if body["stream"]:
+        return stream_response(gen, params)
     result = gen.generate(params, g.started_monotonic)
     g.log_fields.update(result.log_fields())
     return jsonify(request_id=g.request_id, output=result.completion.text, metadata=result.metadata())
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    """Format one Server-Sent Event whose data is one JSON object."""
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def stream_response(gen: GenerationService, params: GenerationParams) -> Response:
+    """Answer with Server-Sent Events once the first text is in hand.
+
+    Until then (validation, retries, waiting for the model) a failure is an ordinary JSON error;
+    after it, a failure ends the stream with an `error` event.
+    """
+    items = gen.stream(params, g.started_monotonic)
+    first = next(items)
+    time_to_first_token_ms = round((time.monotonic() - g.started_monotonic) * 1000, 1)
+    g.log_deferred = True
+
+    def events() -> Iterator[str]:
+        status: int | str = 200
+        try:
+            item = first
+            while isinstance(item, TextDelta):
+                yield sse("delta", {"delta": item.text})
+                item = next(items)
+            result = gen.priced(item, params, g.started_monotonic)
+            g.log_fields.update(result.log_fields())
+            yield sse("done", {"request_id": g.request_id, "output": item.text, "metadata": result.metadata()})
+        except ServiceError as error:
+            g.service_error, status = error, error.status
+            yield sse("error", envelope(error.code, error.message, error.details))
+        except GeneratorExit:
+            status = "client_closed"
+            raise
+        except Exception:
+            log.exception("stream failed")
+            g.service_error, status = ServiceError(), 500
+            yield sse("error", envelope(ServiceError.code, ServiceError.message))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # stops the upstream read or the local model now, not when collected
+            write_summary(status, stream=True, time_to_first_token_ms=time_to_first_token_ms)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(events()), status=200, mimetype="text/event-stream", headers=headers)

@@ -42,6 +42,7 @@ class Settings:
     retry_max_delay_s: float = 8.0
     timeout_s: float = 30.0
     deadline_s: float = 25.0
+    stream_deadline_s: float = 300.0
     pricing_file: str | None = None
     log_level: str = "INFO"
     local_model_path: str | None = None
@@ -109,6 +110,7 @@ class Settings:
             retry_max_delay_s=reader.number("RETRY_MAX_DELAY", 8.0, minimum=0.0),
             timeout_s=reader.number("TIMEOUT", 30.0, minimum=0.0, exclusive=True),
             deadline_s=reader.number("DEADLINE", 25.0, minimum=0.0, exclusive=True),
+            stream_deadline_s=reader.number("STREAM_DEADLINE", 300.0, minimum=0.0, exclusive=True),
             pricing_file=pricing_file,
             log_level=(reader.text("LOG_LEVEL") or "INFO").upper(),
             local_model_path=reader.text("LOCAL_MODEL_PATH"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,11 @@ pytest.importorskip("llama_cpp", reason="the local model is installed by `make t
 pytestmark = pytest.mark.local_model
 
 QUESTION = "What is the capital of France?"
+MODEL = "smollm2-135m-instruct"
+LONG = GenerationParams(
+    prompt="Write a long essay on the history of Rome.", model=MODEL, max_tokens=1500, temperature=0
+)
+SHORT = GenerationParams(prompt="Hi", model=MODEL, max_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +96,11 @@ def test_generation_is_cut_at_the_deadline(provider: LocalProvider) -> None:
 
 
 def test_waiting_for_a_busy_model_is_bounded_by_the_deadline(provider: LocalProvider) -> None:
-    long = GenerationParams(
-        prompt="Write a long essay on the history of Rome.",
-        model="smollm2-135m-instruct",
-        max_tokens=1500,
-        temperature=0,
-    )
-    short = GenerationParams(prompt="Hi", model="smollm2-135m-instruct", max_tokens=4)
     holder_done: list[float] = []
 
     def hold() -> None:
         try:
-            provider.complete(long, time.monotonic() + 2.0)
+            provider.complete(LONG, time.monotonic() + 2.0)
         except UpstreamTimeout:
             pass
         holder_done.append(time.monotonic())
@@ -111,7 +110,7 @@ def test_waiting_for_a_busy_model_is_bounded_by_the_deadline(provider: LocalProv
     time.sleep(0.2)
     started = time.monotonic()
     with pytest.raises(LocalModelBusy):
-        provider.complete(short, time.monotonic() + 0.3)
+        provider.complete(SHORT, time.monotonic() + 0.3)
     rejected = time.monotonic()
     assert rejected - started < 1.0
     holder.join()
@@ -148,3 +147,29 @@ def test_eight_concurrent_requests_all_succeed(local_service: Service) -> None:
         results = list(pool.map(lambda i: local_service.generate({"prompt": f"Say {i}.", "max_tokens": 16}), range(8)))
     assert [status for status, _, _ in results] == [200] * 8
     assert all(body["output"].strip() for _, body, _ in results)
+
+
+def test_local_model_streams_the_same_answer_with_the_same_token_counts(local_client: FlaskClient) -> None:
+    body = {"prompt": QUESTION, "temperature": 0, "max_tokens": 40}
+    whole = local_client.post("/generate", json=body).get_json()
+    streamed = local_client.post("/generate", json={**body, "stream": True})
+    assert streamed.mimetype == "text/event-stream"
+    blocks = [b for b in streamed.get_data(as_text=True).split("\n\n") if b.strip()]
+    events = [
+        (b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: "))) for b in blocks
+    ]
+    deltas = [data["delta"] for name, data in events if name == "delta"]
+    name, done = events[-1]
+    assert name == "done" and len(deltas) > 1
+    assert "".join(deltas) == done["output"] == whole["output"]
+    assert done["metadata"]["tokens"] == whole["metadata"]["tokens"]
+    assert done["metadata"]["finish_reason"] == whole["metadata"]["finish_reason"]
+
+
+def test_abandoned_stream_frees_the_model_at_once(provider: LocalProvider) -> None:
+    items = provider.stream(LONG, time.monotonic() + 5)
+    next(items), next(items)
+    items.close()  # what the view does when the client goes away
+    started = time.monotonic()
+    provider.complete(SHORT, time.monotonic() + 1.0)  # would be LocalModelBusy if the model ran on
+    assert time.monotonic() - started < 1.0

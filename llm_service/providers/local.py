@@ -179,9 +179,9 @@ class LocalProvider:
         )
 
     def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
-        """Yield deltas as the model makes them; the deadline bounds the wait for the model thread only."""
+        """Yield deltas as the model makes them; the deadline bounds the wait for the model thread."""
         llama, runner = self._runtime()
-        watchdog = _Watchdog(llama.token_eos(), None)
+        watchdog = _Watchdog(llama.token_eos(), time.monotonic() + self._settings.stream_deadline_s)
         chunks: queue.Queue[Any] = queue.Queue()
         future = runner.submit(self._pump, llama, self._chat_args(params, watchdog, stream=True), chunks)
         texts: list[str] = []
@@ -200,6 +200,8 @@ class LocalProvider:
                 item = chunks.get()
         finally:
             watchdog.cancelled.set()  # a client that went away stops the model at its next token
+        if watchdog.fired:
+            raise UpstreamTimeout("The local model did not finish before STREAM_DEADLINE.", attempts=1)
         # The watchdog saw every sampled token; the one that ended a finished answer is not output.
         output_tokens = watchdog.samples - 1 if finish_reason == "stop" else watchdog.samples
         yield Completion(

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2
 import openai
 
 from ..config import Settings
@@ -30,6 +31,8 @@ log = logging.getLogger("llm_service.providers.openai")
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 # Errors in reading a 200 body that the client's models do not catch themselves.
 _BAD_BODY_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+# Everything reading an upstream answer can raise: the client's errors, the transport's, a bad body.
+_UPSTREAM_ERRORS = (openai.APIError, httpx2.HTTPError, *_BAD_BODY_ERRORS)
 
 
 def retry_after_s(headers: Any) -> float | None:
@@ -74,9 +77,9 @@ def translate_status_error(error: openai.APIStatusError) -> ServiceError | Retry
 
 def translate(error: Exception) -> ServiceError | Retryable:
     """Map any exception from the openai client to a service error, wrapped if worth retrying."""
-    if isinstance(error, openai.APITimeoutError):
+    if isinstance(error, (openai.APITimeoutError, httpx2.TimeoutException)):
         return Retryable(UpstreamTimeout(), "timeout")
-    if isinstance(error, openai.APIConnectionError):
+    if isinstance(error, (openai.APIConnectionError, httpx2.TransportError)):
         return Retryable(UpstreamError(), "connection_error")
     if isinstance(error, openai.APIStatusError):
         return translate_status_error(error)
@@ -146,13 +149,35 @@ class OpenAIProvider:
                 with deadline(attempt_deadline):
                     response = client.chat.completions.create(**self._request_args(params, attempt_deadline))
                 return _completion(response, number)
-            except (openai.APIError, *_BAD_BODY_ERRORS) as error:
+            except _UPSTREAM_ERRORS as error:
                 raise translate(error) from None
 
         return self._policy.run(attempt, deadline_monotonic)
 
     def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
-        raise NotImplementedError
+        """Yield deltas, then the Completion; retries happen only until the first delta is in hand."""
+        client = self.client()
+
+        def attempt(number: int) -> _OpenStream:
+            attempt_deadline = self._attempt_deadline(deadline_monotonic)
+            opened = None
+            try:
+                with deadline(attempt_deadline):
+                    upstream = client.chat.completions.create(
+                        **self._request_args(params, attempt_deadline),
+                        stream=True,
+                        stream_options={"include_usage": True},
+                    )
+                    opened = _OpenStream(upstream, number)
+                    opened.read_until_text()
+                return opened
+            except _UPSTREAM_ERRORS as error:
+                if opened is not None:
+                    opened.close()
+                raise translate(error) from None
+
+        opened = self._policy.run(attempt, deadline_monotonic)
+        return opened.relay(self._settings.timeout_s, time.monotonic() + self._settings.stream_deadline_s)
 
 
 def _completion(response: Any, attempts: int) -> Completion:
@@ -177,3 +202,75 @@ def _usage(usage: Any) -> TokenUsage | None:
         output=int(usage.completion_tokens),
         cached_input=int(getattr(details, "cached_tokens", None) or 0),
     )
+
+
+class _OpenStream:
+    """An upstream SSE stream, read as far as its first text, then relayed chunk by chunk."""
+
+    def __init__(self, upstream: Any, attempts: int) -> None:
+        self.upstream = upstream
+        self.chunks = iter(upstream)
+        self.attempts = attempts
+        self.upstream_request_id = upstream.response.headers.get("x-request-id")
+        self.pending: list[str] = []
+        self.texts: list[str] = []
+        self.model = ""
+        self.finish_reason: str | None = None
+        self.usage: TokenUsage | None = None
+        self.ended = False
+
+    def close(self) -> None:
+        self.upstream.close()
+
+    def _take(self, chunk: Any) -> None:
+        self.model = chunk.model or self.model
+        if chunk.usage is not None:
+            self.usage = _usage(chunk.usage)
+        for choice in chunk.choices[:1]:
+            self.finish_reason = choice.finish_reason or self.finish_reason
+            if choice.delta and choice.delta.content:
+                self.pending.append(choice.delta.content)
+
+    def _read_one(self) -> bool:
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            self.ended = True
+            return False
+        self._take(chunk)
+        return True
+
+    def read_until_text(self) -> None:
+        """Read chunks until one carries text or the stream ends (the caller sets the deadline)."""
+        while not self.pending and self._read_one():
+            pass
+
+    def relay(self, idle_timeout_s: float, stream_deadline: float) -> Iterator[TextDelta | Completion]:
+        """Yield the text read so far and the rest as it arrives; raise a ServiceError if the upstream fails."""
+        try:
+            while True:
+                for piece in self.pending:
+                    self.texts.append(piece)
+                    yield TextDelta(piece)
+                self.pending.clear()
+                if self.ended:
+                    break
+                try:
+                    with deadline(min(time.monotonic() + idle_timeout_s, stream_deadline)):
+                        self._read_one()
+                except _UPSTREAM_ERRORS as error:
+                    translated = translate(error)
+                    failure = translated.final_error if isinstance(translated, Retryable) else translated
+                    failure.attempts = self.attempts
+                    failure.upstream_request_id = self.upstream_request_id
+                    log.warning("upstream stream failed after text was sent", extra={"error_code": failure.code})
+                    raise failure from None
+            yield Completion(
+                text="".join(self.texts),
+                model=self.model,
+                finish_reason=self.finish_reason,
+                usage=self.usage,
+                attempts=self.attempts,
+                upstream_request_id=self.upstream_request_id,
+            )
+        finally:
+            self.close()  # also when the client went away: the upstream connection closes now
