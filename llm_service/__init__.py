@@ -21,6 +21,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_blueprints(app)
     register_error_handlers(app)
     log.info("service configured", extra=settings.describe())
+    warn_about_open_settings(settings)
     return app
 
 
@@ -33,6 +34,13 @@ def configure_app(app: Flask, settings: Settings) -> None:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    if settings.trusted_proxy_hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # The client's address comes from X-Forwarded-For only through this many trusted proxies:
+        # entries a client wrote itself lie further left and are ignored.
+        hops = settings.trusted_proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
 
 
 def register_services(app: Flask, settings: Settings) -> None:
@@ -62,3 +70,14 @@ def register_error_handlers(app: Flask) -> None:
     from .errors import register_error_handlers as register
 
     register(app)
+
+
+def warn_about_open_settings(settings: Settings) -> None:
+    """Say at start-up what is left open: no authentication, or limits counted per process."""
+    if not settings.api_keys:
+        log.warning("API_KEYS is not set: authentication is off and limits apply per client IP")
+    if not settings.redis_url and settings.web_concurrency > 1:
+        log.warning(
+            "REDIS_URL is not set: limits and budgets are counted in each worker process separately",
+            extra={"web_concurrency": settings.web_concurrency},
+        )

@@ -13,11 +13,12 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 from marshmallow import ValidationError
 
-from .errors import InvalidRequest, ServiceError, envelope
+from .clients import Client
+from .errors import InvalidRequest, ServiceError, Unauthorized, envelope
 from .logs import request_id_var
-from .providers.base import GenerationParams, TextDelta
+from .providers.base import TextDelta
 from .schemas import GenerateRequestSchema
-from .service import GenerationService, prompt_hash
+from .service import Generation, GenerationService, prompt_hash
 
 bp = Blueprint("api", __name__)
 log = logging.getLogger("llm_service.request")
@@ -50,6 +51,8 @@ def finish_request(response: Response) -> Response:
     if request_id is None:  # a request that failed before start_request ran
         return response
     response.headers[REQUEST_ID_HEADER] = request_id
+    for name, value in g.get("rate_headers", {}).items():
+        response.headers.setdefault(name, value)
     if not g.get("log_deferred"):
         write_summary(response.status_code)
     return response
@@ -107,10 +110,35 @@ def health() -> Response:
     return jsonify(status="ok", provider=gen.provider.name, default_model=gen.settings.default_model)
 
 
+def current_client(gen: GenerationService) -> Client:
+    """Return who is calling: the named owner of a valid key, or anonymous by IP when auth is off."""
+    if not gen.auth.enabled:
+        client = Client(None, request.remote_addr)
+    else:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        presented = token.strip() if scheme.lower() == "bearer" else request.headers.get("X-API-Key")
+        name = gen.auth.identify(presented)
+        if name is None:
+            raise Unauthorized()
+        client = Client(name, request.remote_addr)
+    g.log_fields["client"] = client.label
+    return client
+
+
+@bp.get("/usage")
+def usage() -> Response:
+    """Tell a client its own counters: requests and tokens in the current windows, spend today."""
+    gen = service()
+    return jsonify(gen.quotas.usage(current_client(gen)))
+
+
 @bp.post("/generate")
 def generate() -> Response:
     """Generate text for one prompt."""
     gen = service()
+    client = current_client(gen)
+    g.rate_headers = gen.quotas.hit(client)
     body = load_body(current_app.extensions["llm_service.schema"])
     params = gen.params(body)
     g.log_fields.update(
@@ -119,9 +147,10 @@ def generate() -> Response:
         prompt_hash=prompt_hash(params.prompt),
         prompt_length=len(params.prompt) + len(params.system or ""),
     )
+    reservation = gen.quotas.reserve(client, params)
     if body["stream"]:
-        return stream_response(gen, params)
-    result = gen.generate(params, g.started_monotonic)
+        return stream_response(gen.stream(params, reservation, g.started_monotonic))
+    result = gen.generate(params, reservation, g.started_monotonic)
     g.log_fields.update(result.log_fields())
     return jsonify(request_id=g.request_id, output=result.completion.text, metadata=result.metadata())
 
@@ -131,13 +160,12 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def stream_response(gen: GenerationService, params: GenerationParams) -> Response:
+def stream_response(items: Iterator[TextDelta | Generation]) -> Response:
     """Answer with Server-Sent Events once the first text is in hand.
 
     Until then (validation, retries, waiting for the model) a failure is an ordinary JSON error;
     after it, a failure ends the stream with an `error` event.
     """
-    items = gen.stream(params, g.started_monotonic)
     first = next(items)
     time_to_first_token_ms = round((time.monotonic() - g.started_monotonic) * 1000, 1)
     g.log_deferred = True
@@ -149,9 +177,9 @@ def stream_response(gen: GenerationService, params: GenerationParams) -> Respons
             while isinstance(item, TextDelta):
                 yield sse("delta", {"delta": item.text})
                 item = next(items)
-            result = gen.priced(item, params, g.started_monotonic)
-            g.log_fields.update(result.log_fields())
-            yield sse("done", {"request_id": g.request_id, "output": item.text, "metadata": result.metadata()})
+            g.log_fields.update(item.log_fields())
+            done = {"request_id": g.request_id, "output": item.completion.text, "metadata": item.metadata()}
+            yield sse("done", done)
         except ServiceError as error:
             g.service_error, status = error, error.status
             yield sse("error", envelope(error.code, error.message, error.details))

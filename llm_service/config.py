@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TypeVar
 
+import limits
+
+from .clients import ApiKey, ClientLimits, load_client_overrides, parse_api_keys, parse_budget
 from .pricing import PriceTable, PricingError, load_price_table
 
 T = TypeVar("T")
@@ -50,6 +54,16 @@ class Settings:
     local_threads: int = 0
     local_context_tokens: int = 2048
     local_repeat_penalty: float = 1.1
+    api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
+    rate_limit: str = "60/minute"
+    token_limit: int | None = None
+    daily_budget_usd: Decimal | None = None
+    clients_file: str | None = None
+    client_limits: dict[str, ClientLimits] = field(default_factory=dict, compare=False)
+    redis_url: str | None = field(default=None, repr=False)
+    rate_limit_fail_open: bool = True
+    trusted_proxy_hops: int = 0
+    web_concurrency: int = 1
     price_table: PriceTable = field(default_factory=load_price_table, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +97,21 @@ class Settings:
             problems.append(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
         if self.retry_max_delay_s < self.retry_delay_s:
             problems.append("RETRY_MAX_DELAY must not be below RETRY_DELAY")
+        try:
+            check_rate_limit(self.rate_limit)
+        except ValueError as error:
+            problems.append(f"RATE_LIMIT: {error}")
+        if self.token_limit is not None and self.token_limit < 1:
+            problems.append("TOKEN_LIMIT must be at least 1")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append("REDIS_URL must start with redis://, rediss:// or unix://")
         return problems
+
+    def limits_for(self, client_name: str | None) -> ClientLimits:
+        """Return the limits of a client: its CLIENTS_FILE entry, else the defaults."""
+        if client_name is not None and client_name in self.client_limits:
+            return self.client_limits[client_name]
+        return ClientLimits(self.rate_limit, self.token_limit, self.daily_budget_usd)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -96,6 +124,23 @@ class Settings:
         default_model = reader.text("DEFAULT_MODEL") or (local_name if provider == "local" else OPENAI_DEFAULT_MODEL)
         pricing_file = reader.text("PRICING_FILE")
         price_table = reader.parsed("PRICING_FILE", pricing_file, load_price_table)
+        api_keys = reader.parsed("API_KEYS", reader.text("API_KEYS"), parse_api_keys) or ()
+        rate_limit = reader.text("RATE_LIMIT") or "60/minute"
+        token_limit = reader.integer("TOKEN_LIMIT", 1, minimum=1) if reader.text("TOKEN_LIMIT") else None
+        budget = reader.parsed("DAILY_BUDGET_USD", reader.text("DAILY_BUDGET_USD"), parse_budget)
+        clients_file = reader.text("CLIENTS_FILE")
+        client_limits: dict[str, ClientLimits] = {}
+        if clients_file:
+            defaults = ClientLimits(rate_limit, token_limit, budget)
+            names = {key.name for key in api_keys}
+            client_limits = (
+                reader.parsed(
+                    "CLIENTS_FILE",
+                    clients_file,
+                    lambda path: load_client_overrides(str(path), defaults, names, check_rate_limit),
+                )
+                or {}
+            )
         values = dict(
             openai_api_key=api_key,
             openai_base_url=base_url,
@@ -118,6 +163,16 @@ class Settings:
             local_threads=reader.integer("LOCAL_THREADS", 0, minimum=0),
             local_context_tokens=reader.integer("LOCAL_CONTEXT_TOKENS", 2048, minimum=256),
             local_repeat_penalty=reader.number("LOCAL_REPEAT_PENALTY", 1.1, minimum=0.0, exclusive=True),
+            api_keys=api_keys,
+            rate_limit=rate_limit,
+            token_limit=token_limit,
+            daily_budget_usd=budget,
+            clients_file=clients_file,
+            client_limits=client_limits,
+            redis_url=reader.text("REDIS_URL"),
+            rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN", True),
+            trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", 0, minimum=0),
+            web_concurrency=reader.integer("WEB_CONCURRENCY", 2, minimum=1),
         )
         try:
             settings = cls(price_table=price_table or load_price_table(), **values)  # type: ignore[arg-type]
@@ -142,6 +197,14 @@ class Settings:
             "timeout_s": self.timeout_s,
             "deadline_s": self.deadline_s,
             "price_source": self.price_table.source,
+            "auth": "api_keys" if self.api_keys else "off",
+            "clients": len(self.api_keys),
+            "rate_limit": self.rate_limit,
+            "token_limit": self.token_limit,
+            "daily_budget_usd": None if self.daily_budget_usd is None else str(self.daily_budget_usd),
+            "limits_store": "redis" if self.redis_url else "memory",
+            "rate_limit_fail_open": self.rate_limit_fail_open,
+            "trusted_proxy_hops": self.trusted_proxy_hops,
         }
 
 
@@ -167,9 +230,20 @@ class _EnvReader:
     def parsed(self, name: str, raw: str | None, parse: Callable[[str | None], T]) -> T | None:
         try:
             return parse(raw)
-        except PricingError as error:
+        except (PricingError, ValueError) as error:
             self.problems.append(f"{name}: {error}")
             return None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        self.problems.append(f"{name} must be true or false, got {raw!r}")
+        return default
 
     def integer(self, name: str, default: int, *, minimum: int) -> int:
         raw = self.text(name)
@@ -197,3 +271,13 @@ class _EnvReader:
             relation = "above" if exclusive else "at least"
             self.problems.append(f"{name} must be a finite number {relation} {minimum:g}, got {raw!r}")
         return value
+
+
+def check_rate_limit(value: str) -> None:
+    """Raise ValueError unless `value` is a limits string such as '60/minute' or '10/second;1000/day'."""
+    try:
+        items = limits.parse_many(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a limit like 60/minute (several joined by ;)") from None
+    if not items:
+        raise ValueError("no limit given")

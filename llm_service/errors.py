@@ -27,6 +27,7 @@ class ServiceError(Exception):
         retry_after_s: float | None = None,
         attempts: int | None = None,
         upstream_request_id: str | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message or self.message)
         self.message = message or self.message
@@ -34,12 +35,36 @@ class ServiceError(Exception):
         self.retry_after_s = retry_after_s
         self.attempts = attempts
         self.upstream_request_id = upstream_request_id
+        self.extra_headers = extra_headers or {}
 
     def headers(self) -> dict[str, str]:
         """Return the headers this error adds to its response."""
         if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+            return dict(self.extra_headers)
+        return {**self.extra_headers, "Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class Unauthorized(ServiceError):
+    status, code, message = 401, "unauthorized", "A valid API key is required."
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="llm-service"'}
+
+
+class RateLimited(ServiceError):
+    status, code, message = 429, "rate_limited", "Too many requests for this client; retry later."
+
+
+class TokenLimitExceeded(ServiceError):
+    status, code, message = 429, "token_limit_exceeded", "This client's tokens per minute are spent; retry later."
+
+
+class BudgetExceeded(ServiceError):
+    status, code, message = 429, "budget_exceeded", "This client's budget for today is spent."
+
+
+class LimiterUnavailable(ServiceError):
+    status, code, message = 503, "limiter_unavailable", "Usage limits cannot be checked right now; retry later."
 
 
 class InvalidRequest(ServiceError):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.config
+import sys
 import time
 from contextvars import ContextVar
 from typing import Any
+
+# Libraries whose INFO lines would repeat what the request summary says.
+QUIET_LOGGERS = ("httpx2", "httpcore2", "openai", "werkzeug")
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -47,6 +50,7 @@ def logging_config(level: str) -> dict[str, Any]:
     """Return a dictConfig that sends every logger, gunicorn's included, to stdout as JSON."""
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}
     quiet = {"level": "WARNING", "handlers": ["stdout"], "propagate": False}
+    quiet_loggers = {name: quiet for name in QUIET_LOGGERS}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -56,18 +60,18 @@ def logging_config(level: str) -> dict[str, Any]:
         "loggers": {
             "gunicorn.error": {"level": level, "handlers": ["stdout"], "propagate": False},
             "gunicorn.access": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
-            "httpx2": quiet,
-            "httpcore2": quiet,
-            "openai": quiet,
-            "werkzeug": quiet,
+            **quiet_loggers,
         },
     }
 
 
 def configure_logging(level: str) -> None:
-    """Make the root logger write JSON to stdout unless a server already configured it."""
+    """Add a JSON stdout handler to the root logger unless one is there (gunicorn's config adds it)."""
     root = logging.getLogger()
-    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        root.setLevel(level)
-        return
-    logging.config.dictConfig(logging_config(level))
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)  # added beside any others, never replacing them
+    root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

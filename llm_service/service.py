@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from .clients import Authenticator
 from .config import Settings
+from .errors import ServiceError
 from .pricing import PriceTable
 from .providers import build_provider
 from .providers.base import Completion, GenerationParams, Provider, TextDelta
+from .quotas import QuotaGuard, Reservation
 
 
 def prompt_hash(prompt: str) -> str:
@@ -70,6 +73,8 @@ class GenerationService:
         self.settings = settings
         self.provider: Provider = provider or build_provider(settings)
         self.prices: PriceTable = settings.price_table
+        self.auth = Authenticator(settings.api_keys)
+        self.quotas = QuotaGuard(settings)
 
     def params(self, body: dict[str, Any]) -> GenerationParams:
         """Return GenerationParams from a validated body, with the default model filled in."""
@@ -85,14 +90,44 @@ class GenerationService:
         """Return the monotonic time by which the whole request must be answered."""
         return started_monotonic + self.settings.deadline_s
 
-    def generate(self, params: GenerationParams, started_monotonic: float) -> Generation:
-        """Generate an answer before the request's deadline and price it."""
-        completion = self.provider.complete(params, self.deadline(started_monotonic))
-        return self.priced(completion, params, started_monotonic)
+    def generate(self, params: GenerationParams, reservation: Reservation, started_monotonic: float) -> Generation:
+        """Generate an answer before the request's deadline, price it, and account for it."""
+        try:
+            completion = self.provider.complete(params, self.deadline(started_monotonic))
+        except ServiceError:
+            self.quotas.release(reservation)
+            raise
+        return self._settled(completion, params, reservation, started_monotonic)
 
-    def stream(self, params: GenerationParams, started_monotonic: float) -> Iterator[TextDelta | Completion]:
-        """Yield deltas, then the final Completion, from the provider."""
-        return self.provider.stream(params, self.deadline(started_monotonic))
+    def stream(
+        self, params: GenerationParams, reservation: Reservation, started_monotonic: float
+    ) -> Iterator[TextDelta | Generation]:
+        """Yield text deltas, then the priced Generation; closing it stops the backend at once."""
+        items = None
+        text_sent = False
+        try:
+            items = self.provider.stream(params, self.deadline(started_monotonic))
+            for item in items:
+                if isinstance(item, TextDelta):
+                    text_sent = True
+                    yield item
+                else:
+                    yield self._settled(item, params, reservation, started_monotonic)
+        except ServiceError:
+            if not text_sent:  # nothing was generated: give the reservation back
+                self.quotas.release(reservation)
+            raise
+        finally:
+            if items is not None and hasattr(items, "close"):
+                items.close()
+
+    def _settled(
+        self, completion: Completion, params: GenerationParams, reservation: Reservation, started_monotonic: float
+    ) -> Generation:
+        generation = self.priced(completion, params, started_monotonic)
+        usage = completion.usage
+        self.quotas.settle(reservation, None if usage is None else usage.total, generation.cost_usd)
+        return generation
 
     def priced(self, completion: Completion, params: GenerationParams, started_monotonic: float) -> Generation:
         """Attach cost and latency to a finished completion."""

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from tests.servers import Service, free_port  # noqa: E402
 
 PROMPT = {"prompt": "Say hello."}
+NO_LIMIT = "1000000/minute"  # every limit stays on, none is reached
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello."}]}
 
 
@@ -77,7 +78,7 @@ def p50(values: list[float]) -> float:
 def bench_overhead(requests: int, workdir: Path) -> dict[str, Any]:
     with FakeUpstream(0.0) as upstream:
         upstream_port = int(upstream.url.rsplit(":", 1)[1].split("/")[0])
-        env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": upstream.url, "LOG_LEVEL": "INFO"}
+        env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": upstream.url, "RATE_LIMIT": NO_LIMIT}
         results: dict[str, Any] = {}
         latencies_ms(upstream_port, "/v1/chat/completions", CHAT, 50)  # warm the fake
         direct = latencies_ms(upstream_port, "/v1/chat/completions", CHAT, requests)
@@ -106,7 +107,7 @@ def bench_overhead(requests: int, workdir: Path) -> dict[str, Any]:
 
 def bench_concurrency(clients: int, workdir: Path) -> dict[str, Any]:
     with FakeUpstream(1.0) as upstream:
-        env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": upstream.url}
+        env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": upstream.url, "RATE_LIMIT": NO_LIMIT}
         with Service(env, workdir / "concurrency.log") as service:
             latencies_ms(service.port, "/generate", {"prompt": "warm"}, 2)
 
@@ -162,7 +163,7 @@ def bench_local(runs: int, max_tokens: int, workdir: Path) -> dict[str, Any]:
         assert status == 200
         return int(answer["metadata"]["tokens"]["output"]) / (time.perf_counter() - started)
 
-    env = {"WEB_CONCURRENCY": "1", "LOCAL_THREADS": str(threads)}
+    env = {"WEB_CONCURRENCY": "1", "LOCAL_THREADS": str(threads), "RATE_LIMIT": NO_LIMIT}
     service_rates, direct_rates = [], []
     with Service(env, workdir / "local.log") as service:
         through(service), direct()  # warm both prompt caches

@@ -1,0 +1,316 @@
+"""Per-client request limits (the `limits` library), token reservations and daily budgets.
+
+Request limits use `limits`' moving window, so "10/minute" means at most 10 in any 60 seconds and the
+Retry-After it gives is exact. `limits` has no notion of reserving an amount and settling it later, nor
+of money, so those two counters are written here, atomically: a Lua script in Redis, a lock in memory.
+With REDIS_URL every counter lives in Redis and holds across workers and instances.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+import limits
+import limits.errors
+import limits.storage
+import limits.strategies
+import redis
+import redis.exceptions
+
+from .clients import Client, ClientLimits
+from .config import Settings
+from .errors import (
+    BudgetExceeded,
+    InvalidRequest,
+    LimiterUnavailable,
+    RateLimited,
+    TokenLimitExceeded,
+)
+from .providers.base import GenerationParams
+
+log = logging.getLogger("llm_service.quotas")
+
+PICO_USD_PER_USD = Decimal(10**12)  # spend is counted in whole pico-dollars: exact integer sums
+TOKEN_WINDOW_S = 60
+REDIS_TIMEOUT_S = 0.5  # a Redis that does not answer must not hold requests up for long
+STORAGE_ERRORS = (limits.errors.StorageError, redis.exceptions.RedisError, OSError)
+
+_RESERVE_LUA = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local amount = tonumber(ARGV[1])
+if current + amount > tonumber(ARGV[2]) then
+  return {0, current}
+end
+local value = redis.call('INCRBY', KEYS[1], amount)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, value}
+"""
+
+
+class Counters(Protocol):
+    """Integer counters with expiry."""
+
+    def reserve(self, key: str, amount: int, limit: int, ttl_s: int) -> bool:
+        """Add `amount` unless that would pass `limit`; return whether it was added."""
+        ...
+
+    def add(self, key: str, amount: int, ttl_s: int) -> None:
+        """Add `amount` (which may be negative)."""
+        ...
+
+    def get(self, key: str) -> int:
+        """Return the value, 0 if absent or expired."""
+        ...
+
+    def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        ...
+
+
+class MemoryCounters:
+    """Counters in this process only."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def _current(self, key: str, now: float) -> int:
+        value, expires_at = self._values.get(key, (0, math.inf))
+        return value if expires_at > now else 0
+
+    def reserve(self, key: str, amount: int, limit: int, ttl_s: int) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            current = self._current(key, now)
+            if current + amount > limit:
+                return False
+            self._values[key] = (current + amount, now + ttl_s)
+            return True
+
+    def add(self, key: str, amount: int, ttl_s: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._values[key] = (self._current(key, now) + amount, now + ttl_s)
+            if len(self._values) > 10_000:  # drop expired keys now and then
+                self._values = {k: v for k, v in self._values.items() if v[1] > now}
+
+    def get(self, key: str) -> int:
+        with self._lock:
+            return self._current(key, time.monotonic())
+
+    def ping(self) -> None:
+        return None
+
+
+class RedisCounters:
+    """Counters in Redis, shared by every worker and instance."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._reserve = client.register_script(_RESERVE_LUA)
+
+    def reserve(self, key: str, amount: int, limit: int, ttl_s: int) -> bool:
+        added, _ = self._reserve(keys=[key], args=[amount, limit, ttl_s])
+        return bool(added)
+
+    def add(self, key: str, amount: int, ttl_s: int) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.incrby(key, amount)
+        pipe.expire(key, ttl_s)
+        pipe.execute()
+
+    def get(self, key: str) -> int:
+        value: Any = self._client.get(key)
+        return int(value or 0)
+
+    def ping(self) -> None:
+        self._client.ping()
+
+
+@dataclass
+class Reservation:
+    """What one admitted request holds: its token reservation, to settle when it ends."""
+
+    client: Client
+    limits: ClientLimits
+    token_key: str | None = None
+    reserved_tokens: int = 0
+
+
+def estimate_input_tokens(params: GenerationParams) -> int:
+    """Over-estimate the prompt's tokens (about 3 characters a token, plus the chat template)."""
+    return math.ceil((len(params.prompt) + len(params.system or "")) / 3) + 16
+
+
+def _seconds_to_utc_midnight(now: datetime) -> float:
+    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (tomorrow - now).total_seconds()
+
+
+class QuotaGuard:
+    """Admit or refuse a client's request, and account for what it used."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.fail_open = settings.rate_limit_fail_open
+        self.counters: Counters
+        storage: limits.storage.Storage
+        if settings.redis_url:
+            client = redis.Redis.from_url(
+                settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+            )
+            storage = limits.storage.RedisStorage(
+                settings.redis_url, connection_pool=client.connection_pool, wrap_exceptions=True
+            )
+            self.counters = RedisCounters(client)
+        else:
+            storage = limits.storage.MemoryStorage()
+            self.counters = MemoryCounters()
+        self.limiter = limits.strategies.MovingWindowRateLimiter(storage)
+        self._items: dict[str, list[limits.RateLimitItem]] = {}
+
+    def items(self, rate_limit: str) -> list[limits.RateLimitItem]:
+        """Return the parsed limits of a RATE_LIMIT string, parsed once."""
+        if rate_limit not in self._items:
+            self._items[rate_limit] = list(limits.parse_many(rate_limit))
+        return self._items[rate_limit]
+
+    def _unavailable(self, error: Exception) -> None:
+        """Serve without limits (logged at ERROR) or refuse with 503, as RATE_LIMIT_FAIL_OPEN says."""
+        log.error(
+            "usage limits unavailable",
+            extra={"error_type": type(error).__name__, "fail_open": self.fail_open},
+        )
+        if not self.fail_open:
+            raise LimiterUnavailable(retry_after_s=1.0) from None
+
+    def hit(self, client: Client) -> dict[str, str]:
+        """Count one request against the client's request limits; return the X-RateLimit headers."""
+        items = self.items(self.settings.limits_for(client.name).rate_limit)
+        try:
+            for item in items:
+                if not self.limiter.hit(item, "generate", client.limit_key):
+                    headers = self._headers(item, client)
+                    reset_s = self.limiter.get_window_stats(item, "generate", client.limit_key).reset_time
+                    raise RateLimited(retry_after_s=max(reset_s - time.time(), 1.0), extra_headers=headers)
+            return self._tightest_headers(items, client)
+        except STORAGE_ERRORS as error:
+            self._unavailable(error)
+            return {}
+
+    def _headers(self, item: limits.RateLimitItem, client: Client) -> dict[str, str]:
+        stats = self.limiter.get_window_stats(item, "generate", client.limit_key)
+        return {
+            "X-RateLimit-Limit": str(item.amount),
+            "X-RateLimit-Remaining": str(stats.remaining),
+            "X-RateLimit-Reset": str(math.ceil(stats.reset_time)),
+        }
+
+    def _tightest_headers(self, items: list[limits.RateLimitItem], client: Client) -> dict[str, str]:
+        if len(items) == 1:
+            return self._headers(items[0], client)
+        return min((self._headers(item, client) for item in items), key=lambda h: int(h["X-RateLimit-Remaining"]))
+
+    def reserve(self, client: Client, params: GenerationParams) -> Reservation:
+        """Refuse a client over its budget; reserve estimated input + max_tokens against its token limit."""
+        client_limits = self.settings.limits_for(client.name)
+        reservation = Reservation(client, client_limits)
+        try:
+            if client_limits.daily_budget_usd is not None:
+                self._check_budget(client, client_limits.daily_budget_usd)
+            if client_limits.token_limit is not None:
+                self._reserve_tokens(reservation, client_limits.token_limit, params)
+        except STORAGE_ERRORS as error:
+            self._unavailable(error)
+        return reservation
+
+    def _check_budget(self, client: Client, budget_usd: Decimal) -> None:
+        now = datetime.now(UTC)
+        spent_pico = self.counters.get(self._spend_key(client, now))
+        if spent_pico >= budget_usd * PICO_USD_PER_USD:
+            raise BudgetExceeded(retry_after_s=_seconds_to_utc_midnight(now))
+
+    def _reserve_tokens(self, reservation: Reservation, token_limit: int, params: GenerationParams) -> None:
+        estimate = estimate_input_tokens(params) + params.max_tokens
+        if estimate > token_limit:
+            raise InvalidRequest(
+                "The request could never fit this client's token limit.",
+                details={
+                    "max_tokens": [
+                        f"Prompt and max_tokens need about {estimate} tokens; the limit is {token_limit} per minute."
+                    ]
+                },
+            )
+        now = time.time()
+        window = int(now // TOKEN_WINDOW_S)
+        key = f"llm:tokens:{reservation.client.limit_key}:{window}"
+        if not self.counters.reserve(key, estimate, token_limit, ttl_s=2 * TOKEN_WINDOW_S):
+            raise TokenLimitExceeded(retry_after_s=(window + 1) * TOKEN_WINDOW_S - now)
+        reservation.token_key, reservation.reserved_tokens = key, estimate
+
+    @staticmethod
+    def _spend_key(client: Client, now: datetime) -> str:
+        return f"llm:spend:{client.limit_key}:{now.date().isoformat()}"
+
+    def settle(self, reservation: Reservation, used_tokens: int | None, cost_usd: Decimal | None) -> None:
+        """Replace the reservation by the tokens really used, and add the real cost to today's spend."""
+        try:
+            if reservation.token_key is not None and used_tokens is not None:
+                delta = used_tokens - reservation.reserved_tokens
+                if delta:
+                    self.counters.add(reservation.token_key, delta, ttl_s=2 * TOKEN_WINDOW_S)
+            if cost_usd:
+                spend_pico = math.ceil(cost_usd * PICO_USD_PER_USD)
+                self.counters.add(self._spend_key(reservation.client, datetime.now(UTC)), spend_pico, ttl_s=2 * 86400)
+        except STORAGE_ERRORS as error:  # the answer is already given; the counters are behind
+            log.error("could not record usage", extra={"error_type": type(error).__name__})
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation whose request used nothing (the upstream failed)."""
+        self.settle(reservation, 0, None)
+
+    def usage(self, client: Client) -> dict[str, Any]:
+        """Return the client's own counters: requests and tokens in the current windows, spend today."""
+        client_limits = self.settings.limits_for(client.name)
+        now = datetime.now(UTC)
+        requests = []
+        for item in self.items(client_limits.rate_limit):
+            stats = self.limiter.get_window_stats(item, "generate", client.limit_key)
+            requests.append(
+                {
+                    "limit": str(item),
+                    "used": item.amount - stats.remaining,
+                    "remaining": stats.remaining,
+                    "reset_at": math.ceil(stats.reset_time),
+                }
+            )
+        window = int(now.timestamp() // TOKEN_WINDOW_S)
+        tokens_used = max(self.counters.get(f"llm:tokens:{client.limit_key}:{window}"), 0)
+        spent_usd = Decimal(self.counters.get(self._spend_key(client, now))) / PICO_USD_PER_USD
+        budget = client_limits.daily_budget_usd
+        return {
+            "client": client.label,
+            "requests": requests,
+            "tokens": {
+                "limit_per_minute": client_limits.token_limit,
+                "used": tokens_used,
+                "remaining": None
+                if client_limits.token_limit is None
+                else max(client_limits.token_limit - tokens_used, 0),
+                "reset_in_s": round((window + 1) * TOKEN_WINDOW_S - now.timestamp(), 1),
+            },
+            "spend_usd_today": float(spent_usd),
+            "daily_budget_usd": None if budget is None else float(budget),
+            "budget_left_usd": None if budget is None else float(max(budget - spent_usd, Decimal(0))),
+        }
+
+    def ping(self) -> None:
+        """Raise if the counters' store cannot be reached."""
+        self.counters.ping()
