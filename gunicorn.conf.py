@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import sys
+import tempfile
+from typing import Any
 
 from dotenv import load_dotenv
 
@@ -74,3 +78,40 @@ accesslog = "-" if os.environ.get("ACCESS_LOG", "").strip() in ("1", "true", "ye
 # No control socket: its default path is per user, so two instances on one machine would collide,
 # and nothing here uses gunicornc.
 control_socket_disable = True
+
+# Metrics from every worker: prometheus_client's multiprocess mode keeps each worker's values in files
+# under PROMETHEUS_MULTIPROC_DIR, which must be set before any worker imports prometheus_client. Each
+# start gets a fresh directory (values of an earlier deploy must not leak into this one's totals).
+_metrics_dir_owned = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _metrics_dir_owned:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-service-metrics-")
+else:
+    _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir, exist_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's in-flight gauge, so the sum counts live workers only."""
+    from llm_service.metrics import mark_worker_dead
+
+    mark_worker_dead(worker.pid)
+
+
+def post_worker_init(worker: Any) -> None:
+    """On SIGTERM, turn /ready to 503 at once, then let gunicorn drain in-flight requests as usual."""
+    draining = worker.wsgi.extensions["llm_service.draining"]
+    gunicorn_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        draining.set()
+        if callable(gunicorn_handler):
+            gunicorn_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory this start made."""
+    if _metrics_dir_owned:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from flask import Flask
 
@@ -18,6 +19,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     configure_app(app, settings)
     register_services(app, settings)
+    register_request_hooks(app)
     register_blueprints(app)
     register_error_handlers(app)
     log.info("service configured", extra=settings.describe())
@@ -51,11 +53,20 @@ def register_services(app: Flask, settings: Settings) -> None:
     generation = GenerationService(settings)
     generation.provider.warm_up()
     app.extensions["llm_service"] = generation
+    # Set by gunicorn's SIGTERM (see gunicorn.conf.py): /ready then answers 503 while requests finish.
+    app.extensions["llm_service.draining"] = threading.Event()
     app.extensions["llm_service.schema"] = GenerateRequestSchema(
         max_chars=settings.max_chars,
         max_output_tokens=settings.max_output_tokens,
         allowed_models=settings.allowed_models,
     )
+
+
+def register_request_hooks(app: Flask) -> None:
+    """Give every request an id, a summary log line and its metrics."""
+    from .hooks import register_request_hooks as register
+
+    register(app)
 
 
 def register_blueprints(app: Flask) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,79 +13,21 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, stream_
 from marshmallow import ValidationError
 
 from .clients import Client
-from .errors import InvalidRequest, ServiceError, Unauthorized, envelope
+from .errors import InvalidRequest, NotReady, ServiceError, Unauthorized, envelope
+from .hooks import RequestRecord
 from .logs import request_id_var
+from .metrics import render
 from .providers.base import TextDelta
 from .schemas import GenerateRequestSchema
 from .service import Generation, GenerationService, prompt_hash
 
 bp = Blueprint("api", __name__)
-log = logging.getLogger("llm_service.request")
-
-REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Paths polled by load balancers and scrapers: their summary lines go to DEBUG, not INFO.
-QUIET_PATHS = frozenset({"/health"})
+log = logging.getLogger("llm_service.api")
 
 
 def service() -> GenerationService:
     """Return this app's GenerationService."""
     return current_app.extensions["llm_service"]  # type: ignore[no-any-return]
-
-
-@bp.before_app_request
-def start_request() -> None:
-    """Take the caller's request id when it is safe, else make one; start the clock."""
-    g.started_monotonic = time.monotonic()
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
-    g.request_id_token = request_id_var.set(g.request_id)
-    g.log_fields = {}
-
-
-@bp.after_app_request
-def finish_request(response: Response) -> Response:
-    """Tag the response with its request id and write the one summary line for it."""
-    request_id = g.get("request_id")
-    if request_id is None:  # a request that failed before start_request ran
-        return response
-    response.headers[REQUEST_ID_HEADER] = request_id
-    for name, value in g.get("rate_headers", {}).items():
-        response.headers.setdefault(name, value)
-    if not g.get("log_deferred"):
-        write_summary(response.status_code)
-    return response
-
-
-@bp.teardown_app_request
-def forget_request_id(_: BaseException | None) -> None:
-    """Clear the request id from the logging context of this thread."""
-    token = g.pop("request_id_token", None)
-    if token is not None:
-        request_id_var.reset(token)
-
-
-def write_summary(status: int | str, **extra: Any) -> None:
-    """Log the request's summary line: ids, timings, counts, cost; never the prompt or the answer."""
-    fields: dict[str, Any] = {
-        "method": request.method,
-        "path": request.path,
-        "status": status,
-        "latency_ms": round((time.monotonic() - g.started_monotonic) * 1000, 1),
-        **g.log_fields,
-        **extra,
-    }
-    error = g.get("service_error")
-    if isinstance(error, ServiceError):
-        fields["error_code"] = error.code
-        if error.attempts is not None:
-            fields["attempts"] = error.attempts
-        if error.upstream_request_id is not None:
-            fields["upstream_request_id"] = error.upstream_request_id
-    elif g.get("error_code"):
-        fields["error_code"] = g.error_code
-    level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
-    log.log(level, "request", extra=fields)
 
 
 def load_body(schema: GenerateRequestSchema) -> dict[str, Any]:
@@ -141,6 +82,7 @@ def generate() -> Response:
     g.rate_headers = gen.quotas.hit(client)
     body = load_body(current_app.extensions["llm_service.schema"])
     params = gen.params(body)
+    g.record.metrics_model = params.model  # the requested model: one of ALLOWED_MODELS, so labels stay bounded
     g.log_fields.update(
         model=params.model,
         provider=gen.provider.name,
@@ -164,37 +106,78 @@ def stream_response(items: Iterator[TextDelta | Generation]) -> Response:
     """Answer with Server-Sent Events once the first text is in hand.
 
     Until then (validation, retries, waiting for the model) a failure is an ordinary JSON error;
-    after it, a failure ends the stream with an `error` event.
+    after it, a failure ends the stream with an `error` event. The request is logged when the stream
+    ends, however it ends: done, failed, the client gone, or the response closed before it was read.
     """
     first = next(items)
-    time_to_first_token_ms = round((time.monotonic() - g.started_monotonic) * 1000, 1)
-    g.log_deferred = True
+    record: RequestRecord = g.record
+    time_to_first_token_ms = round((time.monotonic() - record.started_monotonic) * 1000, 1)
+    g.streaming = True
+
+    def finish(status: int | str, error: ServiceError | None = None) -> None:
+        getattr(items, "close", lambda: None)()  # stops the upstream read or the local model now
+        record.finish(status, error, stream=True, time_to_first_token_ms=time_to_first_token_ms)
 
     def events() -> Iterator[str]:
-        status: int | str = 200
+        token = request_id_var.set(record.request_id)  # Flask ran teardown when the view returned
+        status: int | str = "client_closed"
+        error: ServiceError | None = None
         try:
             item = first
             while isinstance(item, TextDelta):
                 yield sse("delta", {"delta": item.text})
                 item = next(items)
-            g.log_fields.update(item.log_fields())
-            done = {"request_id": g.request_id, "output": item.completion.text, "metadata": item.metadata()}
-            yield sse("done", done)
-        except ServiceError as error:
-            g.service_error, status = error, error.status
-            yield sse("error", envelope(error.code, error.message, error.details))
+            record.fields.update(item.log_fields())
+            status = 200
+            yield sse(
+                "done", {"request_id": record.request_id, "output": item.completion.text, "metadata": item.metadata()}
+            )
+        except ServiceError as failure:
+            error, status = failure, failure.status
+            yield sse("error", envelope(failure.code, failure.message, failure.details, record.request_id))
         except GeneratorExit:
             status = "client_closed"
             raise
         except Exception:
             log.exception("stream failed")
-            g.service_error, status = ServiceError(), 500
-            yield sse("error", envelope(ServiceError.code, ServiceError.message))
+            error, status = ServiceError(), 500
+            yield sse("error", envelope(ServiceError.code, ServiceError.message, None, record.request_id))
         finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # stops the upstream read or the local model now, not when collected
-            write_summary(status, stream=True, time_to_first_token_ms=time_to_first_token_ms)
+            finish(status, error)
+            request_id_var.reset(token)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(stream_with_context(events()), status=200, mimetype="text/event-stream", headers=headers)
+    response = Response(stream_with_context(events()), status=200, mimetype="text/event-stream", headers=headers)
+    response.call_on_close(lambda: finish("client_closed"))  # a response closed before it was ever read
+    return response
+
+
+@bp.get("/ready")
+def ready() -> Response:
+    """Answer 200 only when this instance can serve: backend ready, Redis answering, not shutting down."""
+    gen = service()
+    reasons = {}
+    if current_app.extensions["llm_service.draining"].is_set():
+        reasons["shutdown"] = "The instance is shutting down."
+    if not gen.provider.is_ready():
+        reasons["provider"] = f"The {gen.provider.name} backend is not ready."
+    if gen.settings.redis_url:
+        try:
+            gen.quotas.ping()
+        except Exception:
+            reasons["redis"] = "Redis does not answer."
+    if reasons:
+        raise NotReady(details=reasons)
+    return jsonify(status="ready", provider=gen.provider.name)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Expose Prometheus metrics of every live worker; a Bearer METRICS_TOKEN is required when set."""
+    token = service().settings.metrics_token
+    if token:
+        presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            raise Unauthorized("A valid metrics token is required.")
+    body, content_type = render()
+    return Response(body, content_type=content_type)

@@ -64,6 +64,7 @@ class Settings:
     rate_limit_fail_open: bool = True
     trusted_proxy_hops: int = 0
     web_concurrency: int = 1
+    metrics_token: str | None = field(default=None, repr=False)
     price_table: PriceTable = field(default_factory=load_price_table, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -173,6 +174,7 @@ class Settings:
             rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN", True),
             trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", 0, minimum=0),
             web_concurrency=reader.integer("WEB_CONCURRENCY", 2, minimum=1),
+            metrics_token=reader.text("METRICS_TOKEN"),
         )
         try:
             settings = cls(price_table=price_table or load_price_table(), **values)  # type: ignore[arg-type]

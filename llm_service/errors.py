@@ -63,6 +63,10 @@ class BudgetExceeded(ServiceError):
     status, code, message = 429, "budget_exceeded", "This client's budget for today is spent."
 
 
+class NotReady(ServiceError):
+    status, code, message = 503, "not_ready", "This instance cannot serve requests now."
+
+
 class LimiterUnavailable(ServiceError):
     status, code, message = 503, "limiter_unavailable", "Usage limits cannot be checked right now; retry later."
 
@@ -113,9 +117,11 @@ _HTTP_CODES = {
 }
 
 
-def envelope(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Return the one error body shape, with the current request id."""
-    body: dict[str, Any] = {"code": code, "message": message, "request_id": g.get("request_id")}
+def envelope(
+    code: str, message: str, details: dict[str, Any] | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    """Return the one error body shape, with the request id (by default, the current request's)."""
+    body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id or g.get("request_id")}
     if details:
         body["details"] = details
     return {"error": body}

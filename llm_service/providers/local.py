@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import LocalModelBusy, ServiceError, UpstreamRejected, UpstreamTimeout
+from ..metrics import record_attempt
 from .base import Completion, GenerationParams, TextDelta, TokenUsage
 
 log = logging.getLogger("llm_service.providers.local")
@@ -163,12 +164,16 @@ class LocalProvider:
         llama, runner = self._runtime()
         watchdog = _Watchdog(llama.token_eos(), deadline_monotonic)
         future = runner.submit(llama.create_chat_completion, **self._chat_args(params, watchdog, stream=False))
+        started = time.monotonic()
         try:
             result = self._started_in_time(future, deadline_monotonic, lambda timeout: future.result(timeout))
         except ValueError as error:
+            record_attempt(self.name, params.model, "rejected", time.monotonic() - started)
             raise _rejected(error) from None
         if watchdog.fired:
+            record_attempt(self.name, params.model, "timeout", time.monotonic() - started)
             raise UpstreamTimeout("The local model did not finish before the deadline.", attempts=1)
+        record_attempt(self.name, params.model, "ok", time.monotonic() - started)
         choice = result["choices"][0]
         usage = result["usage"]
         return Completion(

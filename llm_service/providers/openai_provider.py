@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx2
@@ -22,6 +22,7 @@ from ..errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from ..metrics import record_attempt
 from .base import Completion, GenerationParams, TextDelta, TokenUsage
 from .deadline import DeadlineTransport, deadline
 from .retry import Retryable, RetryPolicy
@@ -152,7 +153,10 @@ class OpenAIProvider:
             except _UPSTREAM_ERRORS as error:
                 raise translate(error) from None
 
-        return self._policy.run(attempt, deadline_monotonic)
+        return self._policy.run(attempt, deadline_monotonic, self._recorder(params.model))
+
+    def _recorder(self, model: str) -> Callable[[str, float], None]:
+        return lambda outcome, duration_s: record_attempt(self.name, model, outcome, duration_s)
 
     def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
         """Yield deltas, then the Completion; retries happen only until the first delta is in hand."""
@@ -176,7 +180,7 @@ class OpenAIProvider:
                     opened.close()
                 raise translate(error) from None
 
-        opened = self._policy.run(attempt, deadline_monotonic)
+        opened = self._policy.run(attempt, deadline_monotonic, self._recorder(params.model))
         return opened.relay(self._settings.timeout_s, time.monotonic() + self._settings.stream_deadline_s)
 
 

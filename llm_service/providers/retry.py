@@ -51,14 +51,31 @@ class RetryPolicy:
                 return  # no time for another attempt: give up with this failure
             failure = yield wait_s
 
-    def run(self, attempt: Callable[[int], T], deadline_monotonic: float) -> T:
-        """Call `attempt(n)` for n = 1, 2, ... until it returns, a failure is final, or time runs out."""
+    def run(
+        self,
+        attempt: Callable[[int], T],
+        deadline_monotonic: float,
+        on_attempt: Callable[[str, float], None] | None = None,
+    ) -> T:
+        """Call `attempt(n)` for n = 1, 2, ... until it returns, a failure is final, or time runs out.
+
+        `on_attempt(outcome, duration_s)` hears of every attempt, for metrics.
+        """
         attempts = 0
 
         def one_attempt() -> T:
             nonlocal attempts
             attempts += 1
-            return attempt(attempts)
+            started = time.monotonic()
+            outcome = "ok"
+            try:
+                return attempt(attempts)
+            except (Retryable, ServiceError) as failure:
+                outcome = attempt_outcome(failure)
+                raise
+            finally:
+                if on_attempt is not None:
+                    on_attempt(outcome, time.monotonic() - started)
 
         def log_retry(details: Any) -> None:
             failure: Retryable = details["exception"]
@@ -84,3 +101,17 @@ class RetryPolicy:
         except ServiceError as error:
             error.attempts = attempts
             raise
+
+
+def attempt_outcome(failure: Retryable | ServiceError) -> str:
+    """Name a failed attempt: rate_limited, server_error, timeout, connection_error or rejected."""
+    if isinstance(failure, Retryable):
+        if failure.reason in ("rate_limited", "timeout", "connection_error"):
+            return failure.reason
+        return "server_error"  # 5xx, 409, or a body that could not be read
+    return {
+        "upstream_quota_exceeded": "rate_limited",
+        "upstream_rate_limited": "rate_limited",
+        "upstream_timeout": "timeout",
+        "upstream_error": "server_error",
+    }.get(failure.code, "rejected")
