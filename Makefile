@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=O
 .PHONY: run test bench lint install-dev install-local redis
 
 run: $(VENV)/.installed-local
-	PATH="$(abspath $(BIN)):$$PATH" sh -c "$$(sed -n 's/^web: //p' Procfile)"
+	@PATH="$(abspath $(BIN)):$$PATH" sh -c "$$(sed -n 's/^web: //p' Procfile)"
 
 test: $(VENV)/.installed-dev $(VENV)/.installed-local redis
 	$(BIN)/python -m pytest

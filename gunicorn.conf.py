@@ -100,7 +100,9 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def post_worker_init(worker: Any) -> None:
     """On SIGTERM, turn /ready to 503 at once, then let gunicorn drain in-flight requests as usual."""
-    draining = worker.wsgi.extensions["llm_service.draining"]
+    draining = getattr(worker.wsgi, "extensions", {}).get("llm_service.draining")
+    if draining is None:  # another app run with this config (the benchmark's bare baseline)
+        return
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
