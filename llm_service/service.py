@@ -138,5 +138,7 @@ class GenerationService:
             cost_usd = self.prices.cost_usd(
                 price, input_tokens=usage.input, cached_input_tokens=usage.cached_input, output_tokens=usage.output
             )
+            if cost_usd is None:
+                cost_usd = self.provider.unpriced_cost_usd
         latency_ms = round((time.monotonic() - started_monotonic) * 1000, 1)
         return Generation(completion, self.provider.name, cost_usd, latency_ms)

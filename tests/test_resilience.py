@@ -140,3 +140,29 @@ def test_client_is_reused_across_requests(app, client: FlaskClient, upstream: Fa
         assert post(client)[0] == 200
     assert provider.client() is first
     assert first.max_retries == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected_s"),
+    [
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_header_forms(headers: dict[str, str], expected_s: float | None) -> None:
+    from llm_service.providers.openai_provider import retry_after_s
+
+    assert retry_after_s(headers) == expected_s
+
+
+def test_retry_after_as_http_date() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    from llm_service.providers.openai_provider import retry_after_s
+
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 28 <= (retry_after_s({"retry-after": when}) or 0) <= 30

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Protocol
 
 
@@ -60,6 +61,8 @@ class Provider(Protocol):
     """A backend that turns GenerationParams into a Completion before a monotonic deadline."""
 
     name: str
+    # The cost of a model the price table does not list: None (unknown) for an API, 0 for local hardware.
+    unpriced_cost_usd: Decimal | None
 
     def complete(self, params: GenerationParams, deadline_monotonic: float) -> Completion:
         """Generate the whole answer."""

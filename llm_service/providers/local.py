@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class LocalProvider:
     """
 
     name = "local"
+    unpriced_cost_usd: Decimal | None = Decimal(0)  # runs on hardware already paid for, unless PRICING_FILE prices it
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx2
@@ -37,7 +41,7 @@ _UPSTREAM_ERRORS = (openai.APIError, httpx2.HTTPError, *_BAD_BODY_ERRORS)
 
 
 def retry_after_s(headers: Any) -> float | None:
-    """Return the upstream's requested wait from retry-after-ms or Retry-After (seconds), if any."""
+    """Return the upstream's requested wait: retry-after-ms, else Retry-After in seconds or as an HTTP date."""
     for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         raw = headers.get(name)
         if raw is None:
@@ -45,10 +49,22 @@ def retry_after_s(headers: Any) -> float | None:
         try:
             value = float(raw) / divisor
         except ValueError:
+            if name == "retry-after":
+                return _seconds_until_http_date(raw)
             continue
-        if value >= 0:
+        if math.isfinite(value) and value >= 0:
             return value
     return None
+
+
+def _seconds_until_http_date(raw: str) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 def translate_status_error(error: openai.APIStatusError) -> ServiceError | Retryable:
@@ -91,6 +107,7 @@ class OpenAIProvider:
     """Chat completions from any OpenAI-compatible server."""
 
     name = "openai"
+    unpriced_cost_usd: Decimal | None = None  # a model without a price has an unknown cost, never a guessed one
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -123,7 +140,8 @@ class OpenAIProvider:
         return self._client
 
     def is_ready(self) -> bool:
-        return True
+        """Return whether there is an upstream to call: a key, or a base URL (many local servers need no key)."""
+        return bool(self._settings.openai_api_key or self._settings.openai_base_url)
 
     def warm_up(self) -> None:
         """Build the client and load the chat resource now, so the first request doesn't pay for it."""
