@@ -18,6 +18,7 @@ from .hooks import RequestRecord
 from .logs import request_id_var
 from .metrics import render
 from .providers.base import TextDelta
+from .quotas import Reservation
 from .schemas import GenerateRequestSchema
 from .service import Generation, GenerationService, prompt_hash
 
@@ -91,7 +92,7 @@ def generate() -> Response:
     )
     reservation = gen.quotas.reserve(client, params)
     if body["stream"]:
-        return stream_response(gen.stream(params, reservation, g.started_monotonic))
+        return stream_response(gen.stream(params, reservation, g.started_monotonic), reservation)
     result = gen.generate(params, reservation, g.started_monotonic)
     g.log_fields.update(result.log_fields())
     return jsonify(request_id=g.request_id, output=result.completion.text, metadata=result.metadata())
@@ -102,7 +103,7 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def stream_response(items: Iterator[TextDelta | Generation]) -> Response:
+def stream_response(items: Iterator[TextDelta | Generation], reservation: Reservation) -> Response:
     """Answer with Server-Sent Events once the first text is in hand.
 
     Until then (validation, retries, waiting for the model) a failure is an ordinary JSON error;
@@ -116,7 +117,8 @@ def stream_response(items: Iterator[TextDelta | Generation]) -> Response:
 
     def finish(status: int | str, error: ServiceError | None = None) -> None:
         getattr(items, "close", lambda: None)()  # stops the upstream read or the local model now
-        record.finish(status, error, stream=True, time_to_first_token_ms=time_to_first_token_ms)
+        estimate = reservation.estimate or {}  # a stream cut short is charged an estimate: say so
+        record.finish(status, error, stream=True, time_to_first_token_ms=time_to_first_token_ms, **estimate)
 
     def events() -> Iterator[str]:
         token = request_id_var.set(record.request_id)  # Flask ran teardown when the view returned

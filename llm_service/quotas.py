@@ -142,6 +142,8 @@ class Reservation:
     limits: ClientLimits
     token_key: str | None = None
     reserved_tokens: int = 0
+    # Set when the request ended without a usage report and was charged an estimate instead.
+    estimate: dict[str, Any] | None = None
 
 
 def estimate_input_tokens(params: GenerationParams) -> int:

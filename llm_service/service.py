@@ -15,7 +15,7 @@ from .errors import ServiceError
 from .pricing import PriceTable
 from .providers import build_provider
 from .providers.base import Completion, GenerationParams, Provider, TextDelta
-from .quotas import QuotaGuard, Reservation
+from .quotas import QuotaGuard, Reservation, estimate_input_tokens
 
 
 def prompt_hash(prompt: str) -> str:
@@ -104,22 +104,43 @@ class GenerationService:
     ) -> Iterator[TextDelta | Generation]:
         """Yield text deltas, then the priced Generation; closing it stops the backend at once."""
         items = None
-        text_sent = False
+        deltas = 0
+        finished = False
         try:
             items = self.provider.stream(params, self.deadline(started_monotonic))
             for item in items:
                 if isinstance(item, TextDelta):
-                    text_sent = True
+                    deltas += 1
                     yield item
                 else:
+                    finished = True
                     yield self._settled(item, params, reservation, started_monotonic)
         except ServiceError:
-            if not text_sent:  # nothing was generated: give the reservation back
+            if not deltas:  # nothing was generated: give the reservation back
                 self.quotas.release(reservation)
             raise
         finally:
             if items is not None and hasattr(items, "close"):
                 items.close()
+            if deltas and not finished:
+                self._charge_estimate(params, reservation, deltas)
+
+    def _charge_estimate(self, params: GenerationParams, reservation: Reservation, deltas: int) -> None:
+        """Charge a stream that ended without a usage report (client gone, upstream failed mid-way).
+
+        The upstream still bills what it generated; without this, abandoning streams would dodge
+        budgets. Input is over-estimated from the prompt's length; output counts a token per delta.
+        """
+        input_tokens = estimate_input_tokens(params)
+        price = self.prices.price_for(params.model)
+        cost_usd = self.prices.cost_usd(price, input_tokens=input_tokens, cached_input_tokens=0, output_tokens=deltas)
+        if cost_usd is None:
+            cost_usd = self.provider.unpriced_cost_usd
+        self.quotas.settle(reservation, input_tokens + deltas, cost_usd)
+        reservation.estimate = {
+            "tokens_estimated": input_tokens + deltas,
+            "cost_usd_estimated": None if cost_usd is None else float(cost_usd),
+        }
 
     def _settled(
         self, completion: Completion, params: GenerationParams, reservation: Reservation, started_monotonic: float

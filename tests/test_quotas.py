@@ -262,3 +262,30 @@ def test_streams_are_limited_the_same_way(keyed: Callable[..., FlaskClient], ups
 def test_bad_limit_settings_stop_start_up(environ: dict[str, str], name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({"OPENAI_API_KEY": "sk-x", **environ})
+
+
+def test_abandoned_stream_is_charged_an_estimate(
+    keyed: Callable[..., FlaskClient], upstream: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    from decimal import Decimal
+
+    caplog.set_level("INFO", logger="llm_service.request")
+    client = keyed(daily_budget_usd=Decimal("1"), token_limit=100_000)
+    upstream.enqueue(fake.stream([f"t{i} " for i in range(200)], interval_s=0.01))
+    prompt = "x" * 3000  # estimated at 1016 input tokens
+    response = client.post(
+        "/generate", json={"prompt": prompt, "stream": True, "max_tokens": 500}, headers=bearer(ALICE), buffered=False
+    )
+    chunks = iter(response.response)
+    for _ in range(3):
+        next(chunks)
+    response.close()  # the client goes away mid-stream
+    usage = client.get("/usage", headers=bearer(ALICE)).get_json()
+    (summary,) = [r for r in caplog.records if r.name == "llm_service.request" and getattr(r, "stream", False)]
+    assert summary.status == "client_closed"
+    deltas = summary.tokens_estimated - 1016
+    assert 3 <= deltas <= 5
+    assert summary.cost_usd_estimated == pytest.approx((1016 * 0.15 + deltas * 0.60) / 1e6)
+    assert usage["spend_usd_today"] == pytest.approx(summary.cost_usd_estimated)
+    if usage["tokens"]["used"]:  # unless the minute turned over meanwhile
+        assert usage["tokens"]["used"] == summary.tokens_estimated
