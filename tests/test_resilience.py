@@ -153,7 +153,7 @@ def test_client_is_reused_across_requests(app, client: FlaskClient, upstream: Fa
     ],
 )
 def test_retry_after_header_forms(headers: dict[str, str], expected_s: float | None) -> None:
-    from llm_service.providers.openai_provider import retry_after_s
+    from llm_service.providers.openai_translate import retry_after_s
 
     assert retry_after_s(headers) == expected_s
 
@@ -162,7 +162,7 @@ def test_retry_after_as_http_date() -> None:
     from datetime import UTC, datetime, timedelta
     from email.utils import format_datetime
 
-    from llm_service.providers.openai_provider import retry_after_s
+    from llm_service.providers.openai_translate import retry_after_s
 
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 28 <= (retry_after_s({"retry-after": when}) or 0) <= 30
