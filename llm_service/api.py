@@ -1,4 +1,4 @@
-"""HTTP views: load with a schema, call the service, dump; plus the per-request id and summary log."""
+"""HTTP views: authenticate, load with a schema, call the service, dump (bookkeeping is in hooks.py)."""
 
 from __future__ import annotations
 
@@ -52,15 +52,18 @@ def health() -> Response:
     return jsonify(status="ok", provider=gen.provider.name, default_model=gen.settings.default_model)
 
 
+def bearer_token() -> str | None:
+    """Return the token of an `Authorization: Bearer` header, if there is one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 def current_client(gen: GenerationService) -> Client:
     """Return who is calling: the named owner of a valid key, or anonymous by IP when auth is off."""
     if not gen.auth.enabled:
         client = Client(None, request.remote_addr)
     else:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        presented = token.strip() if scheme.lower() == "bearer" else request.headers.get("X-API-Key")
-        name = gen.auth.identify(presented)
+        name = gen.auth.identify(bearer_token() or request.headers.get("X-API-Key"))
         if name is None:
             raise Unauthorized()
         client = Client(name, request.remote_addr)
@@ -178,8 +181,7 @@ def metrics() -> Response:
     """Expose Prometheus metrics of every live worker; a Bearer METRICS_TOKEN is required when set."""
     token = service().settings.metrics_token
     if token:
-        presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(presented.encode(), token.encode()):
+        if not hmac.compare_digest((bearer_token() or "").encode(), token.encode()):
             raise Unauthorized("A valid metrics token is required.")
     body, content_type = render()
     return Response(body, content_type=content_type)

@@ -7,6 +7,9 @@
    (target: all succeed within about 2 s).
 3. local: tokens/second of the embedded model through the service, next to llama-cpp-python called
    directly with the same prompt and threads (target: under 5% overhead).
+4. memory: resident (RSS) and proportional (PSS) memory of each gunicorn worker after load, on the
+   upstream and on the local model; PSS shows the mmap'd model file shared between workers
+   (target: under 200 MB PSS per worker).
 """
 
 from __future__ import annotations
@@ -183,13 +186,42 @@ def bench_local(runs: int, max_tokens: int, workdir: Path) -> dict[str, Any]:
     }
 
 
+def worker_memory_mb(service: Service) -> list[dict[str, float]]:
+    """Return RSS and PSS in MB of each gunicorn worker (children of the master)."""
+    assert service.process is not None
+    children = Path(f"/proc/{service.process.pid}/task/{service.process.pid}/children").read_text().split()
+    figures = []
+    for pid in children:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        values = {line.split(":")[0]: int(line.split()[1]) for line in rollup if line.startswith(("Rss:", "Pss:"))}
+        figures.append({"rss_mb": round(values["Rss"] / 1024, 1), "pss_mb": round(values["Pss"] / 1024, 1)})
+    return figures
+
+
+def bench_memory(workdir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with FakeUpstream(0.0) as upstream:
+        env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": upstream.url, "RATE_LIMIT": NO_LIMIT}
+        with Service(env, workdir / "memory-openai.log") as service:
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda _: latencies_ms(service.port, "/generate", PROMPT, 50), range(16)))
+            results["openai_workers"] = worker_memory_mb(service)
+    with Service({"RATE_LIMIT": NO_LIMIT, "LOCAL_THREADS": "1"}, workdir / "memory-local.log") as service:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: service.generate({"prompt": "Tell me about cats.", "max_tokens": 64}), range(8)))
+        results["local_workers"] = worker_memory_mb(service)
+    worst = max(w["pss_mb"] for key in ("openai_workers", "local_workers") for w in results[key])
+    results["target_met"] = worst < 200
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["overhead", "concurrency", "local"], action="append")
+    parser.add_argument("--only", choices=["overhead", "concurrency", "local", "memory"], action="append")
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests for the overhead run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    chosen = args.only or ["overhead", "concurrency", "local"]
+    chosen = args.only or ["overhead", "concurrency", "local", "memory"]
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -199,6 +231,8 @@ def main() -> int:
             report["concurrency"] = bench_concurrency(64, workdir)
         if "local" in chosen:
             report["local"] = bench_local(10, 128, workdir)
+        if "memory" in chosen:
+            report["memory"] = bench_memory(workdir)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
