@@ -43,6 +43,28 @@ REDIS_TIMEOUT_S = 0.5  # a Redis that does not answer must not hold requests up 
 STORAGE_ERRORS = (limits.errors.StorageError, redis.exceptions.RedisError, OSError)
 
 
+class InlineExpiryMemoryStorage(limits.storage.MemoryStorage):
+    """limits' in-process storage, pruning expired entries inline once a second.
+
+    The stock class starts a new timer thread to prune whenever the last one has finished, which on a
+    service taking a request every few milliseconds is a thread per request: about 0.4 ms each, most of
+    this service's own latency. Pruning only frees memory; the moving window itself reads timestamps,
+    so limits are unchanged. (It overrides a private hook of limits 5.8, which requirements.txt pins.)
+    """
+
+    PRUNE_EVERY_S = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_prune = 0.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune >= self.PRUNE_EVERY_S:
+            self._last_prune = now
+            self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
+
+
 @dataclass
 class Reservation:
     """What one admitted request holds: its token reservation, to settle when it ends."""
@@ -82,7 +104,7 @@ class QuotaGuard:
             )
             self.counters = RedisCounters(client)
         else:
-            storage = limits.storage.MemoryStorage()
+            storage = InlineExpiryMemoryStorage()
             self.counters = MemoryCounters()
         self.limiter = limits.strategies.MovingWindowRateLimiter(storage)
         self._items: dict[str, list[limits.RateLimitItem]] = {}

@@ -289,3 +289,24 @@ def test_abandoned_stream_is_charged_an_estimate(
     assert usage["spend_usd_today"] == pytest.approx(summary.cost_usd_estimated)
     if usage["tokens"]["used"]:  # unless the minute turned over meanwhile
         assert usage["tokens"]["used"] == summary.tokens_estimated
+
+
+def test_in_memory_limits_start_no_thread_per_request(
+    keyed: Callable[..., FlaskClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    timers: list[object] = []
+    real_timer = threading.Timer
+
+    def counting_timer(*args: object, **kwargs: object) -> threading.Timer:
+        timers.append(args)
+        return real_timer(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(threading, "Timer", counting_timer)
+    client = keyed(rate_limit="1000/minute")
+    for _ in range(20):
+        time.sleep(0.02)  # longer than the stock storage's 10 ms pruning timer
+        client.post("/generate", json=HI, headers=bearer(ALICE))
+    assert len(timers) <= 1  # the stock storage starts one timer thread per request here
+    assert client.get("/usage", headers=bearer(ALICE)).get_json()["requests"][0]["used"] == 20
