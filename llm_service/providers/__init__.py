@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from ..config import Settings
 from .base import Provider
+
+
+def installation_problem(settings: Settings) -> str | None:
+    """Say what is missing for the chosen backend to start, before any worker tries; None when nothing is."""
+    if settings.provider != "local":
+        return None
+    from .local import LocalModelMissing, default_model_path
+
+    why = f"LLM_PROVIDER is local ({settings.provider_reason})"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return (
+            f"{why} but llama-cpp-python is not installed: set OPENAI_API_KEY (or OPENAI_BASE_URL), "
+            "or install requirements-local.txt (`make run` does)"
+        )
+    if settings.local_model_path is None:
+        try:
+            default_model_path()
+        except LocalModelMissing as error:
+            return f"{why} but {error.message}"
+    return None
 
 
 def build_provider(settings: Settings) -> Provider:
