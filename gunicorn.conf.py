@@ -15,8 +15,8 @@ from dotenv import load_dotenv
 load_dotenv()  # the same .env the app reads; the real environment wins
 
 from llm_service.config import ConfigError, Settings  # noqa: E402
-from llm_service.providers import installation_problem  # noqa: E402
 from llm_service.logs import logging_config  # noqa: E402
+from llm_service.providers import installation_problem  # noqa: E402
 
 
 def _int_env(name: str, default: int) -> int:
