@@ -130,26 +130,24 @@ class QuotaGuard:
         try:
             for item in items:
                 if not self.limiter.hit(item, "generate", client.limit_key):
-                    headers = self._headers(item, client)
-                    reset_s = self.limiter.get_window_stats(item, "generate", client.limit_key).reset_time
-                    raise RateLimited(retry_after_s=max(reset_s - time.time(), 1.0), extra_headers=headers)
-            return self._tightest_headers(items, client)
+                    headers, reset_at = self._headers(item, client)  # reset: when the oldest hit leaves
+                    raise RateLimited(retry_after_s=max(reset_at - time.time(), 1.0), extra_headers=headers)
+            return min(
+                (self._headers(item, client)[0] for item in items), key=lambda h: int(h["X-RateLimit-Remaining"])
+            )
         except STORAGE_ERRORS as error:
             self._unavailable(error)
             return {}
 
-    def _headers(self, item: limits.RateLimitItem, client: Client) -> dict[str, str]:
+    def _headers(self, item: limits.RateLimitItem, client: Client) -> tuple[dict[str, str], float]:
+        """Return the X-RateLimit headers of one limit, and the exact time its window frees."""
         stats = self.limiter.get_window_stats(item, "generate", client.limit_key)
-        return {
+        headers = {
             "X-RateLimit-Limit": str(item.amount),
             "X-RateLimit-Remaining": str(stats.remaining),
             "X-RateLimit-Reset": str(math.ceil(stats.reset_time)),
         }
-
-    def _tightest_headers(self, items: list[limits.RateLimitItem], client: Client) -> dict[str, str]:
-        if len(items) == 1:
-            return self._headers(items[0], client)
-        return min((self._headers(item, client) for item in items), key=lambda h: int(h["X-RateLimit-Remaining"]))
+        return headers, stats.reset_time
 
     def reserve(self, client: Client, params: GenerationParams) -> Reservation:
         """Refuse a client over its budget; reserve estimated input + max_tokens against its token limit."""
