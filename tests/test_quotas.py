@@ -24,6 +24,13 @@ KEYS = f"alice={ALICE},bob=sha256:{hashlib.sha256(BOB.encode()).hexdigest()}"
 HI = {"prompt": "Hi"}
 
 
+def clear_of_minute_boundary() -> None:
+    """Wait out the last seconds of a minute, so a token test's requests share one token window."""
+    into_minute_s = time.time() % 60
+    if into_minute_s > 55:
+        time.sleep(60.2 - into_minute_s)
+
+
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
@@ -140,6 +147,7 @@ def test_forwarded_for_counts_only_through_trusted_hops(make_settings: Callable[
 def test_token_limit_reserves_then_settles_to_real_usage(
     keyed: Callable[..., FlaskClient], upstream: FakeOpenAI
 ) -> None:
+    clear_of_minute_boundary()
     client = keyed(token_limit=320)
     upstream.default = fake.ok(prompt_tokens=10, completion_tokens=140)  # 150 real tokens a request
     body = {"prompt": "Hi", "max_tokens": 150}  # reserves about 167 before the call
@@ -150,12 +158,12 @@ def test_token_limit_reserves_then_settles_to_real_usage(
     assert 1 <= int(third.headers["Retry-After"]) <= 60
     assert upstream.calls == 2
     tokens = client.get("/usage", headers=bearer(ALICE)).get_json()["tokens"]
-    if tokens["used"] != 0:  # unless the minute turned over meanwhile
-        assert tokens["used"] == 300
-        assert tokens["remaining"] == 20
+    assert tokens["used"] == 300
+    assert tokens["remaining"] == 20
 
 
 def test_failed_request_gives_its_reservation_back(keyed: Callable[..., FlaskClient], upstream: FakeOpenAI) -> None:
+    clear_of_minute_boundary()
     client = keyed(token_limit=200, max_retries=0)
     upstream.enqueue(fake.status(500))
     body = {"prompt": "Hi", "max_tokens": 150}
@@ -270,6 +278,7 @@ def test_abandoned_stream_is_charged_an_estimate(
     from decimal import Decimal
 
     caplog.set_level("INFO", logger="llm_service.request")
+    clear_of_minute_boundary()
     client = keyed(daily_budget_usd=Decimal("1"), token_limit=100_000)
     upstream.enqueue(fake.stream([f"t{i} " for i in range(200)], interval_s=0.01))
     prompt = "x" * 3000  # estimated at 1016 input tokens
@@ -287,8 +296,7 @@ def test_abandoned_stream_is_charged_an_estimate(
     assert 3 <= deltas <= 5
     assert summary.cost_usd_estimated == pytest.approx((1016 * 0.15 + deltas * 0.60) / 1e6)
     assert usage["spend_usd_today"] == pytest.approx(summary.cost_usd_estimated)
-    if usage["tokens"]["used"]:  # unless the minute turned over meanwhile
-        assert usage["tokens"]["used"] == summary.tokens_estimated
+    assert usage["tokens"]["used"] == summary.tokens_estimated
 
 
 def test_in_memory_limits_start_no_thread_per_request(
