@@ -67,7 +67,7 @@ def current_client(gen: GenerationService) -> Client:
         if name is None:
             raise Unauthorized()
         client = Client(name, request.remote_addr)
-    g.log_fields["client"] = client.label
+    g.record.fields["client"] = client.label
     return client
 
 
@@ -87,7 +87,7 @@ def generate() -> Response:
     body = load_body(current_app.extensions["llm_service.schema"])
     params = gen.params(body)
     g.record.metrics_model = params.model  # the requested model: one of ALLOWED_MODELS, so labels stay bounded
-    g.log_fields.update(
+    g.record.fields.update(
         model=params.model,
         provider=gen.provider.name,
         prompt_hash=prompt_hash(params.prompt),
@@ -95,9 +95,9 @@ def generate() -> Response:
     )
     reservation = gen.quotas.reserve(client, params)
     if body["stream"]:
-        return stream_response(gen.stream(params, reservation, g.started_monotonic), reservation)
-    result = gen.generate(params, reservation, g.started_monotonic)
-    g.log_fields.update(result.log_fields())
+        return stream_response(gen.stream(params, reservation, g.record.started_monotonic), reservation)
+    result = gen.generate(params, reservation, g.record.started_monotonic)
+    g.record.fields.update(result.log_fields())
     return jsonify(request_id=g.request_id, output=result.completion.text, metadata=result.metadata())
 
 

@@ -71,7 +71,7 @@ def start_request() -> None:
     request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
     g.record = RequestRecord(request_id, request.method, request.path, endpoint, time.monotonic())
-    g.request_id, g.started_monotonic, g.log_fields = request_id, g.record.started_monotonic, g.record.fields
+    g.request_id = request_id  # what errors.envelope reads
     g.request_id_token = request_id_var.set(request_id)
     IN_FLIGHT.inc()
 

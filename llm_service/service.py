@@ -14,7 +14,7 @@ from .config import Settings
 from .errors import ServiceError
 from .pricing import PriceTable
 from .providers import build_provider
-from .providers.base import Completion, GenerationParams, Provider, TextDelta
+from .providers.base import Completion, GenerationParams, Provider, TextDelta, TokenUsage
 from .quotas import QuotaGuard, Reservation, estimate_input_tokens
 
 
@@ -132,10 +132,7 @@ class GenerationService:
         budgets. Input is over-estimated from the prompt's length; output counts a token per delta.
         """
         input_tokens = estimate_input_tokens(params)
-        price = self.prices.price_for(params.model)
-        cost_usd = self.prices.cost_usd(price, input_tokens=input_tokens, cached_input_tokens=0, output_tokens=deltas)
-        if cost_usd is None:
-            cost_usd = self.provider.unpriced_cost_usd
+        cost_usd = self._cost_usd(TokenUsage(input=input_tokens, output=deltas), params.model)
         self.quotas.settle(reservation, input_tokens + deltas, cost_usd)
         reservation.estimate = {
             "tokens_estimated": input_tokens + deltas,
@@ -153,13 +150,14 @@ class GenerationService:
     def priced(self, completion: Completion, params: GenerationParams, started_monotonic: float) -> Generation:
         """Attach cost and latency to a finished completion."""
         usage = completion.usage
-        cost_usd = None
-        if usage is not None:
-            price = self.prices.price_for(completion.model, params.model)
-            cost_usd = self.prices.cost_usd(
-                price, input_tokens=usage.input, cached_input_tokens=usage.cached_input, output_tokens=usage.output
-            )
-            if cost_usd is None:
-                cost_usd = self.provider.unpriced_cost_usd
+        cost_usd = None if usage is None else self._cost_usd(usage, completion.model, params.model)
         latency_ms = round((time.monotonic() - started_monotonic) * 1000, 1)
         return Generation(completion, self.provider.name, cost_usd, latency_ms)
+
+    def _cost_usd(self, usage: TokenUsage, *models: str) -> Decimal | None:
+        """Price `usage` by the first of `models` the table knows, else at the provider's unpriced cost."""
+        price = self.prices.price_for(*models)
+        cost_usd = self.prices.cost_usd(
+            price, input_tokens=usage.input, cached_input_tokens=usage.cached_input, output_tokens=usage.output
+        )
+        return self.provider.unpriced_cost_usd if cost_usd is None else cost_usd
