@@ -24,10 +24,10 @@ pytestmark = pytest.mark.local_model
 
 QUESTION = "What is the capital of France?"
 MODEL = "smollm2-135m-instruct"
-LONG = GenerationParams(
+LONG = GenerationParams.from_prompt(
     prompt="Write a long essay on the history of Rome.", model=MODEL, max_tokens=1500, temperature=0
 )
-SHORT = GenerationParams(prompt="Hi", model=MODEL, max_tokens=4)
+SHORT = GenerationParams.from_prompt("Hi", model=MODEL, max_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,9 @@ def test_system_message_changes_the_prompt(local_client: FlaskClient) -> None:
 
 
 def test_generation_is_cut_at_the_deadline(provider: LocalProvider) -> None:
-    params = GenerationParams(prompt="Count from one to one thousand.", model="smollm2-135m-instruct", max_tokens=1500)
+    params = GenerationParams.from_prompt(
+        "Count from one to one thousand.", model="smollm2-135m-instruct", max_tokens=1500
+    )
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout):
         provider.complete(params, time.monotonic() + 0.5)
@@ -118,7 +120,7 @@ def test_waiting_for_a_busy_model_is_bounded_by_the_deadline(provider: LocalProv
 
 
 def test_prompt_beyond_the_context_window_is_rejected(provider: LocalProvider) -> None:
-    params = GenerationParams(prompt="word " * 3000, model="smollm2-135m-instruct", max_tokens=100)
+    params = GenerationParams.from_prompt("word " * 3000, model="smollm2-135m-instruct", max_tokens=100)
     with pytest.raises(UpstreamRejected):
         provider.complete(params, time.monotonic() + 10)
 
