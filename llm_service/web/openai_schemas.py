@@ -138,7 +138,7 @@ class PromptTokensDetailsSchema(Schema):
     cached_tokens = fields.Integer(required=True)
 
 
-class UsageSchema(Schema):
+class CompletionUsageSchema(Schema):
     prompt_tokens = fields.Integer(required=True)
     completion_tokens = fields.Integer(required=True)
     total_tokens = fields.Integer(required=True)
@@ -163,7 +163,7 @@ class ChatCompletionSchema(Schema):
     created = fields.Integer(required=True)
     model = fields.String(required=True)
     choices = fields.List(fields.Nested(ChoiceSchema), required=True)
-    usage = fields.Nested(UsageSchema, allow_none=True)
+    usage = fields.Nested(CompletionUsageSchema, allow_none=True)
 
 
 class ModelSchema(Schema):
@@ -178,7 +178,7 @@ class ModelListSchema(Schema):
     data = fields.List(fields.Nested(ModelSchema), required=True)
 
 
-class OpenAIErrorSchema(Schema):
+class OpenAIErrorBodySchema(Schema):
     message = fields.String(required=True)
     type = fields.String(required=True)
     param = fields.String(required=True, allow_none=True)
@@ -186,4 +186,4 @@ class OpenAIErrorSchema(Schema):
 
 
 class OpenAIErrorEnvelopeSchema(Schema):
-    error = fields.Nested(OpenAIErrorSchema, required=True)
+    error = fields.Nested(OpenAIErrorBodySchema, required=True)

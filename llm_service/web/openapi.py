@@ -4,8 +4,148 @@ from __future__ import annotations
 
 from typing import Any
 
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
+
+from .openai_schemas import ChatCompletionSchema, ModelListSchema, OpenAIErrorEnvelopeSchema
+from .schemas import ErrorEnvelopeSchema, GenerateResponseSchema, HealthSchema, ReadySchema, UsageSchema
+
+NATIVE_ERRORS = {
+    400: "The request is invalid (`details` names each field), or the upstream rejected it.",
+    401: "No or wrong API key.",
+    413: "The body is too large.",
+    429: "Over a limit of this client, or the upstream is rate limiting; see Retry-After.",
+    500: "The service failed unexpectedly.",
+    502: "The upstream failed, or refused the service's own key.",
+    503: "The local model is busy, the upstream quota is spent, or limits cannot be checked.",
+    504: "The upstream did not answer in time.",
+}
+OPENAI_ERRORS = {**NATIVE_ERRORS, 404: "The model is not served here (code model_not_found)."}
+REQUEST_ID = {"X-Request-ID": {"description": "the caller's request id, or a fresh UUID", "schema": {"type": "string"}}}
+SSE = {"schema": {"type": "string"}}
+
+
+def _json(schema: str, description: str, *, stream: bool = False) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if stream:
+        content["text/event-stream"] = SSE
+    return {"description": description, "content": content, "headers": REQUEST_ID}
+
+
+def _errors(codes: dict[int, str], envelope: str, *only: int) -> dict[int, Any]:
+    return {status: _json(envelope, text) for status, text in codes.items() if not only or status in only}
 
 
 def build_document(app: Flask) -> dict[str, Any]:
-    return {}
+    """Return the OpenAPI document of `app`'s endpoints, its request schemas bound to its limits."""
+    schemas = app.extensions["llm_service.schemas"]
+    spec = APISpec(
+        title="llm-service",
+        version="1.0.0",
+        openapi_version="3.1.0",
+        plugins=[MarshmallowPlugin()],
+        info={"description": "An LLM behind a small, hardened HTTP API: a native API and an OpenAI-compatible one."},
+    )
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})
+    for name, schema in (
+        ("GenerateRequest", schemas.generate),
+        ("GenerateResponse", GenerateResponseSchema),
+        ("Error", ErrorEnvelopeSchema),
+        ("Usage", UsageSchema),
+        ("Health", HealthSchema),
+        ("Ready", ReadySchema),
+        ("ChatCompletionRequest", schemas.chat),
+        ("ChatCompletion", ChatCompletionSchema),
+        ("ModelList", ModelListSchema),
+        ("OpenAIError", OpenAIErrorEnvelopeSchema),
+    ):
+        spec.components.schema(name, schema=schema)
+    keyed: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+    spec.path(
+        path="/generate",
+        operations={
+            "post": {
+                "summary": "Generate text for one prompt; with stream true, Server-Sent Events.",
+                "security": keyed,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": "GenerateRequest"}}},
+                "responses": {
+                    200: _json("GenerateResponse", "The answer, or its events", stream=True),
+                    **_errors(NATIVE_ERRORS, "Error"),
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/usage",
+        operations={
+            "get": {
+                "summary": "The calling client's own counters.",
+                "security": keyed,
+                "responses": {200: _json("Usage", "Counters"), **_errors(NATIVE_ERRORS, "Error", 401, 500, 503)},
+            }
+        },
+    )
+    spec.path(
+        path="/v1/chat/completions",
+        operations={
+            "post": {
+                "summary": "OpenAI-compatible chat completion; with stream true, chat.completion.chunk events.",
+                "security": keyed,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": "ChatCompletionRequest"}},
+                },
+                "responses": {
+                    200: _json("ChatCompletion", "The completion, or its chunks", stream=True),
+                    **_errors(OPENAI_ERRORS, "OpenAIError"),
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/v1/models",
+        operations={
+            "get": {
+                "summary": "The models clients may ask for.",
+                "security": keyed,
+                "responses": {200: _json("ModelList", "Models"), **_errors(OPENAI_ERRORS, "OpenAIError", 401, 500)},
+            }
+        },
+    )
+    spec.path(
+        path="/health",
+        operations={"get": {"summary": "Liveness.", "responses": {200: _json("Health", "Alive")}}},
+    )
+    spec.path(
+        path="/ready",
+        operations={
+            "get": {
+                "summary": "Readiness: 503 while the backend, Redis or a shutdown says no.",
+                "responses": {200: _json("Ready", "Ready"), 503: _json("Error", "Not ready")},
+            }
+        },
+    )
+    spec.path(
+        path="/metrics",
+        operations={
+            "get": {
+                "summary": "Prometheus metrics of every worker; a Bearer METRICS_TOKEN when one is set.",
+                "responses": {
+                    200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    401: _json("Error", "A metrics token is required"),
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/openapi.json",
+        operations={
+            "get": {
+                "summary": "This document.",
+                "responses": {200: {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {}}}}},
+            }
+        },
+    )
+    return spec.to_dict()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
 
 
 class StrictFloat(fields.Float):
@@ -108,7 +108,7 @@ class GenerateResponseSchema(Schema):
     metadata = fields.Nested(MetadataSchema, required=True)
 
 
-class ErrorSchema(Schema):
+class ErrorBodySchema(Schema):
     code = fields.String(required=True, metadata={"description": "snake_case code, stable across releases"})
     message = fields.String(required=True)
     request_id = fields.String(required=True, allow_none=True)
@@ -116,7 +116,7 @@ class ErrorSchema(Schema):
 
 
 class ErrorEnvelopeSchema(Schema):
-    error = fields.Nested(ErrorSchema, required=True)
+    error = fields.Nested(ErrorBodySchema, required=True)
 
 
 class RequestWindowSchema(Schema):
@@ -143,6 +143,9 @@ class UsageSchema(Schema):
 
 
 class HealthSchema(Schema):
+    class Meta:
+        unknown = INCLUDE  # liveness may say more than its status
+
     status = fields.String(required=True)
 
 
