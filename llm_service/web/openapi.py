@@ -37,6 +37,18 @@ def _errors(codes: dict[int, str], envelope: str, *only: int) -> dict[int, Any]:
     return {status: _json(envelope, text) for status, text in codes.items() if not only or status in only}
 
 
+def _operation(
+    summary: str, responses: dict[int, Any], *, body: str | None = None, secured: bool = False
+) -> dict[str, Any]:
+    """Return one operation; one with a body, or `secured`, takes an API key (Bearer or X-API-Key)."""
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if body is not None or secured:
+        operation["security"] = [{"bearer": []}, {"apiKey": []}]
+    return operation
+
+
 def build_document(app: Flask) -> dict[str, Any]:
     """Return the OpenAPI document of `app`'s endpoints, its request schemas bound to its limits."""
     schemas = app.extensions["llm_service.schemas"]
@@ -62,90 +74,71 @@ def build_document(app: Flask) -> dict[str, Any]:
         ("OpenAIError", OpenAIErrorEnvelopeSchema),
     ):
         spec.components.schema(name, schema=schema)
-    keyed: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
-    spec.path(
-        path="/generate",
-        operations={
-            "post": {
-                "summary": "Generate text for one prompt; with stream true, Server-Sent Events.",
-                "security": keyed,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": "GenerateRequest"}}},
-                "responses": {
+    paths: dict[str, tuple[str, dict[str, Any]]] = {
+        "/generate": (
+            "post",
+            _operation(
+                "Generate text for one prompt; with stream true, Server-Sent Events.",
+                {
                     200: _json("GenerateResponse", "The answer, or its events", stream=True),
                     **_errors(NATIVE_ERRORS, "Error"),
                 },
-            }
-        },
-    )
-    spec.path(
-        path="/usage",
-        operations={
-            "get": {
-                "summary": "The calling client's own counters.",
-                "security": keyed,
-                "responses": {200: _json("Usage", "Counters"), **_errors(NATIVE_ERRORS, "Error", 401, 500, 503)},
-            }
-        },
-    )
-    spec.path(
-        path="/v1/chat/completions",
-        operations={
-            "post": {
-                "summary": "OpenAI-compatible chat completion; with stream true, chat.completion.chunk events.",
-                "security": keyed,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": "ChatCompletionRequest"}},
-                },
-                "responses": {
+                body="GenerateRequest",
+            ),
+        ),
+        "/usage": (
+            "get",
+            _operation(
+                "The calling client's own counters.",
+                {200: _json("Usage", "Counters"), **_errors(NATIVE_ERRORS, "Error", 401, 500, 503)},
+                secured=True,
+            ),
+        ),
+        "/v1/chat/completions": (
+            "post",
+            _operation(
+                "OpenAI-compatible chat completion; with stream true, chat.completion.chunk events.",
+                {
                     200: _json("ChatCompletion", "The completion, or its chunks", stream=True),
                     **_errors(OPENAI_ERRORS, "OpenAIError"),
                 },
-            }
-        },
-    )
-    spec.path(
-        path="/v1/models",
-        operations={
-            "get": {
-                "summary": "The models clients may ask for.",
-                "security": keyed,
-                "responses": {200: _json("ModelList", "Models"), **_errors(OPENAI_ERRORS, "OpenAIError", 401, 500)},
-            }
-        },
-    )
-    spec.path(
-        path="/health",
-        operations={"get": {"summary": "Liveness.", "responses": {200: _json("Health", "Alive")}}},
-    )
-    spec.path(
-        path="/ready",
-        operations={
-            "get": {
-                "summary": "Readiness: 503 while the backend, Redis or a shutdown says no.",
-                "responses": {200: _json("Ready", "Ready"), 503: _json("Error", "Not ready")},
-            }
-        },
-    )
-    spec.path(
-        path="/metrics",
-        operations={
-            "get": {
-                "summary": "Prometheus metrics of every worker; a Bearer METRICS_TOKEN when one is set.",
-                "responses": {
+                body="ChatCompletionRequest",
+            ),
+        ),
+        "/v1/models": (
+            "get",
+            _operation(
+                "The models clients may ask for.",
+                {200: _json("ModelList", "Models"), **_errors(OPENAI_ERRORS, "OpenAIError", 401, 500)},
+                secured=True,
+            ),
+        ),
+        "/health": ("get", _operation("Liveness.", {200: _json("Health", "Alive")})),
+        "/ready": (
+            "get",
+            _operation(
+                "Readiness: 503 while the backend, Redis or a shutdown says no.",
+                {200: _json("Ready", "Ready"), 503: _json("Error", "Not ready")},
+            ),
+        ),
+        "/metrics": (
+            "get",
+            _operation(
+                "Prometheus metrics of every worker; a Bearer METRICS_TOKEN when one is set.",
+                {
                     200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}},
                     401: _json("Error", "A metrics token is required"),
                 },
-            }
-        },
-    )
-    spec.path(
-        path="/openapi.json",
-        operations={
-            "get": {
-                "summary": "This document.",
-                "responses": {200: {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {}}}}},
-            }
-        },
-    )
+            ),
+        ),
+        "/openapi.json": (
+            "get",
+            _operation(
+                "This document.",
+                {200: {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {}}}}},
+            ),
+        ),
+    }
+    for path, (method, operation) in paths.items():
+        spec.path(path=path, operations={method: operation})
     return spec.to_dict()
