@@ -287,3 +287,35 @@ def test_summary_line_hashes_the_messages(
     assert first.prompt_hash != second.prompt_hash  # the roles count, not only the text
     assert first.prompt_hash != hashlib.sha256(secret.encode()).hexdigest()[:16]
     assert secret not in "\n".join(str(r.__dict__) for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("reply", "read", "status"),
+    [
+        (fake.stream(["a", "b", "c"]), True, 200),
+        (fake.stream(["a", "b", "c"], fail_after=1), True, 502),
+        (fake.stream([f"t{i} " for i in range(50)], interval_s=0.01), False, "client_closed"),
+    ],
+    ids=["done", "failed", "closed-after-the-first-event"],
+)
+def test_a_stream_is_logged_once_however_it_ends(
+    chat: FlaskClient,
+    upstream: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+    reply: fake.Reply,
+    read: bool,
+    status: int | str,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    caplog.set_level("INFO", logger="llm_service.request")
+    in_flight = REGISTRY.get_sample_value("llm_in_flight_requests")
+    upstream.enqueue(reply)
+    response = chat.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    if read:
+        response.get_data()
+    response.close()
+    response.close()
+    (summary,) = [r for r in caplog.records if r.name == "llm_service.request"]
+    assert summary.status == status and summary.stream is True
+    assert REGISTRY.get_sample_value("llm_in_flight_requests") == in_flight
