@@ -36,6 +36,14 @@ class StrictBoolean(fields.Boolean):
     falsy = {False}
 
 
+def _require_utf8(value: str) -> None:
+    """Refuse text that cannot be sent on: JSON's \\udXXX escapes can decode to unpaired surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Must be valid Unicode text: an unpaired surrogate (\\ud800-\\udfff) is not.") from None
+
+
 class GenerateRequestSchema(Schema):
     """Validate a /generate body against the limits this service was started with."""
 
@@ -59,6 +67,12 @@ class GenerateRequestSchema(Schema):
     def _prompt_not_blank(self, value: str, **_: Any) -> None:
         if not value.strip():
             raise ValidationError("Must not be blank.")
+        _require_utf8(value)
+
+    @validates("system")
+    def _system_is_text(self, value: str | None, **_: Any) -> None:
+        if value is not None:
+            _require_utf8(value)
 
     @validates("model")
     def _model_allowed(self, value: str | None, **_: Any) -> None:

@@ -1,0 +1,80 @@
+"""What a security sweep found (issue 9): bad inputs, lying upstreams and probes, against the Procfile's gunicorn."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests import fake_openai as fake
+from tests.fake_openai import FakeOpenAI
+from tests.servers import Service
+from tests.test_observability import scrape, total
+
+pytestmark = pytest.mark.e2e
+
+MAX_RETRIES = 2
+
+
+@pytest.fixture(scope="module")
+def module_upstream() -> Iterator[FakeOpenAI]:
+    upstream = FakeOpenAI().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def upstream(module_upstream: FakeOpenAI) -> FakeOpenAI:
+    """The module's fake upstream, with no replies left over from an earlier test."""
+    module_upstream.script.clear()
+    module_upstream.requests.clear()
+    module_upstream.default = fake.ok()
+    return module_upstream
+
+
+@pytest.fixture(scope="module")
+def service(module_upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    env = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": module_upstream.url,
+        "WEB_CONCURRENCY": "1",  # one worker, so /usage reads the counters every request wrote to
+        "THREADS": "8",
+        "MAX_RETRIES": str(MAX_RETRIES),
+        "RETRY_DELAY": "0.01",
+        "RETRY_MAX_DELAY": "0.02",
+        "DEADLINE": "5",
+        "RATE_LIMIT": "1000/minute",
+    }
+    with Service(env, tmp_path_factory.mktemp("hardening") / "service.log") as running:
+        yield running
+
+
+def post_raw(service: Service, body: bytes) -> tuple[int, dict[str, Any]]:
+    """POST `body` to /generate as it is, for bodies json.dumps cannot write."""
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    try:
+        conn.request("POST", "/generate", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def records_of(service: Service, request_id: str) -> list[dict[str, Any]]:
+    return [r for r in service.log_records() if r.get("request_id") == request_id]
+
+
+def test_unpaired_surrogates_are_refused_before_the_upstream(service: Service, upstream: FakeOpenAI) -> None:
+    before = scrape(service)
+    for body, field in (({"prompt": "hi \udfff"}, "prompt"), ({"prompt": "hi", "system": "\ud800 be brief"}, "system")):
+        status, answer, _ = service.generate(body)  # json.dumps writes the surrogate as a \\udXXX escape
+        assert (status, answer["error"]["code"]) == (400, "invalid_request")
+        assert field in answer["error"]["details"]
+    assert upstream.calls == 0
+    assert total(scrape(service), "llm_upstream_attempts_total") == total(before, "llm_upstream_attempts_total")
+
+    status, _, _ = service.generate({"prompt": "a pair is fine: \U0001f600"})  # sent as \\ud83d\\ude00
+    assert status == 200
