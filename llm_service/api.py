@@ -35,7 +35,10 @@ def load_body(schema: GenerateRequestSchema) -> dict[str, Any]:
     """Parse and validate the JSON body, or raise InvalidRequest with per-field details."""
     if not request.is_json:
         raise InvalidRequest("Content-Type must be application/json.")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nested past the parser's depth: not a ValueError, so `silent` lets it through
+        raise InvalidRequest("The body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.")
     try:

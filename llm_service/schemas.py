@@ -30,10 +30,12 @@ class StrictInteger(fields.Integer):
 
 
 class StrictBoolean(fields.Boolean):
-    """A JSON true or false only."""
+    """A JSON true or false only: no 1, 0 or 1.0 (which equal True and False, so a set lookup admits them)."""
 
-    truthy = {True}
-    falsy = {False}
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
 
 
 def _require_utf8(value: str) -> None:

@@ -78,3 +78,37 @@ def test_unpaired_surrogates_are_refused_before_the_upstream(service: Service, u
 
     status, _, _ = service.generate({"prompt": "a pair is fine: \U0001f600"})  # sent as \\ud83d\\ude00
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 5000 + b"]" * 5000,
+        b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"prompt": "hi", "model": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}",
+    ],
+    ids=["array", "in-prompt", "in-model"],
+)
+def test_deeply_nested_json_is_a_400_without_a_traceback(service: Service, upstream: FakeOpenAI, raw: bytes) -> None:
+    status, answer = post_raw(service, raw)
+    assert (status, answer["error"]["code"]) == (400, "invalid_request")
+    records = records_of(service, answer["error"]["request_id"])
+    assert [r["status"] for r in records if r.get("logger") == "llm_service.request"] == [400]
+    assert not [r for r in records if r["level"] == "ERROR" or "exc_info" in r]
+    assert upstream.calls == 0
+
+
+@pytest.mark.parametrize("value", [1, 0, 1.0, 0.0, "true", "false", [], None])
+def test_stream_accepts_only_true_or_false(service: Service, upstream: FakeOpenAI, value: Any) -> None:
+    status, answer, _ = service.generate({"prompt": "Hi", "stream": value})
+    assert (status, answer["error"]["code"]) == (400, "invalid_request")
+    assert "stream" in answer["error"]["details"]
+    assert upstream.calls == 0
+
+
+def test_stream_false_and_true_still_work(service: Service, upstream: FakeOpenAI) -> None:
+    assert service.generate({"prompt": "Hi", "stream": False})[0] == 200
+    upstream.enqueue(fake.stream(["Hel", "lo"]))
+    status, headers, raw = service.request("POST", "/generate", {"prompt": "Hi", "stream": True})
+    assert (status, headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
+    assert b"event: done" in raw
