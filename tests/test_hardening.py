@@ -112,3 +112,17 @@ def test_stream_false_and_true_still_work(service: Service, upstream: FakeOpenAI
     status, headers, raw = service.request("POST", "/generate", {"prompt": "Hi", "stream": True})
     assert (status, headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
     assert b"event: done" in raw
+
+
+def test_a_stream_answered_with_plain_json_is_an_upstream_error(service: Service, upstream: FakeOpenAI) -> None:
+    upstream.default = fake.ok("not an event stream")  # Content-Type: application/json, no SSE events
+    status, headers, raw = service.request("POST", "/generate", {"prompt": "Hi", "stream": True})
+    assert (status, headers["content-type"]) == (502, "application/json")
+    answer = json.loads(raw)
+    assert answer["error"]["code"] == "upstream_error"
+    assert upstream.calls == MAX_RETRIES + 1  # retried like any unreadable body
+
+    upstream.enqueue(fake.ok("still not a stream"))  # and the retry recovers when the next answer streams
+    upstream.default = fake.stream(["Hel", "lo"])
+    status, _, raw = service.request("POST", "/generate", {"prompt": "Hi", "stream": True})
+    assert status == 200 and b'"output":"Hello"' in raw
