@@ -60,9 +60,11 @@ class RequestRecord:
                 summary["upstream_request_id"] = error.upstream_request_id
         elif error_code:
             summary["error_code"] = error_code
-        log.log(logging.DEBUG if self.path in QUIET_PATHS else logging.INFO, "request", extra=summary)
-        record_request(self.endpoint, self.metrics_model, summary.get("client", "anonymous"), summary)
-        IN_FLIGHT.dec()
+        try:
+            log.log(logging.DEBUG if self.path in QUIET_PATHS else logging.INFO, "request", extra=summary)
+            record_request(self.endpoint, self.metrics_model, summary.get("client", "anonymous"), summary)
+        finally:  # whatever fails above, this request is no longer in flight
+            IN_FLIGHT.dec()
 
 
 def start_request() -> None:

@@ -126,3 +126,38 @@ def test_a_stream_answered_with_plain_json_is_an_upstream_error(service: Service
     upstream.default = fake.stream(["Hel", "lo"])
     status, _, raw = service.request("POST", "/generate", {"prompt": "Hi", "stream": True})
     assert status == 200 and b'"output":"Hello"' in raw
+
+
+def spend_usd(service: Service) -> float:
+    status, _, raw = service.request("GET", "/usage")
+    assert status == 200
+    return float(json.loads(raw)["spend_usd_today"])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt_tokens": -100_000},
+        {"completion_tokens": -5},
+        {"completion_tokens": 1.5},
+        {"prompt_tokens": 10, "cached_tokens": 20},
+    ],
+    ids=["negative-input", "negative-output", "fractional", "cached-above-input"],
+)
+def test_invalid_upstream_usage_is_a_bad_body(service: Service, upstream: FakeOpenAI, bad: dict[str, Any]) -> None:
+    spent_before = spend_usd(service)
+    tokens_before = total(scrape(service), "llm_tokens_total")
+    upstream.default = fake.ok(**bad)
+    status, answer, _ = service.generate({"prompt": "Hi"})
+    assert (status, answer["error"]["code"]) == (502, "upstream_error")
+    assert upstream.calls == MAX_RETRIES + 1
+    samples = scrape(service)
+    assert total(samples, "llm_in_flight_requests") == 1  # only this scrape: nothing leaked
+    assert total(samples, "llm_tokens_total") == tokens_before
+    assert spend_usd(service) == spent_before
+
+    upstream.enqueue(fake.ok(**bad))  # one bad body, then a good one: retried, and priced as reported
+    upstream.default = fake.ok(prompt_tokens=1000, completion_tokens=100)
+    status, answer, _ = service.generate({"prompt": "Hi"})
+    assert (status, answer["metadata"]["attempts"], answer["metadata"]["tokens"]["total"]) == (200, 2, 1100)
+    assert spend_usd(service) == pytest.approx(spent_before + answer["metadata"]["cost_usd"])

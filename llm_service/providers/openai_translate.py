@@ -100,8 +100,22 @@ def token_usage(usage: Any) -> TokenUsage | None:
     if usage is None:
         return None
     details = getattr(usage, "prompt_tokens_details", None)
-    return TokenUsage(
-        input=int(usage.prompt_tokens),
-        output=int(usage.completion_tokens),
-        cached_input=int(getattr(details, "cached_tokens", None) or 0),
+    counts = TokenUsage(
+        input=_token_count(usage.prompt_tokens),
+        output=_token_count(usage.completion_tokens),
+        cached_input=_token_count(getattr(details, "cached_tokens", None) or 0),
     )
+    if counts.cached_input > counts.input:
+        raise ValueError("the upstream reported more cached input tokens than input tokens")
+    return counts
+
+
+def _token_count(value: Any) -> int:
+    """Return a reported token count, or raise ValueError (a bad body) unless it is a whole number >= 0.
+
+    The client's models are not validated, so a count can be anything the upstream sent: a negative one
+    would lower the client's spend and break the token counters.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"the upstream reported an invalid token count: {type(value).__name__}")
+    return value
