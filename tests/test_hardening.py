@@ -161,3 +161,12 @@ def test_invalid_upstream_usage_is_a_bad_body(service: Service, upstream: FakeOp
     status, answer, _ = service.generate({"prompt": "Hi"})
     assert (status, answer["metadata"]["attempts"], answer["metadata"]["tokens"]["total"]) == (200, 2, 1100)
     assert spend_usd(service) == pytest.approx(spent_before + answer["metadata"]["cost_usd"])
+
+
+@pytest.mark.parametrize("header", ["Retry-After", "retry-after-ms"])
+def test_an_upstream_retry_after_is_bounded(service: Service, upstream: FakeOpenAI, header: str) -> None:
+    upstream.default = fake.status(429, headers={header: "1e308"})
+    status, answer, headers = service.generate({"prompt": "Hi"})
+    assert (status, answer["error"]["code"]) == (429, "upstream_rate_limited")
+    assert headers["retry-after"] == "86400"  # a day, not a 309-digit number
+    assert upstream.calls == 1  # a wait past the deadline is never started

@@ -30,10 +30,18 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429})
 BAD_BODY_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 # Everything reading an upstream answer can raise: the client's errors, the transport's, a bad body.
 UPSTREAM_ERRORS = (openai.APIError, httpx2.HTTPError, *BAD_BODY_ERRORS)
+# The longest wait an upstream may ask for that we repeat: a day. The retry loop never waits past the
+# request's deadline anyway; this bounds the Retry-After header a client gets back.
+MAX_RETRY_AFTER_S = 86400.0
 
 
 def retry_after_s(headers: Any) -> float | None:
-    """Return the upstream's requested wait: retry-after-ms, else Retry-After in seconds or as an HTTP date."""
+    """Return the upstream's requested wait, at most a day: retry-after-ms, else Retry-After (seconds or a date)."""
+    wait_s = _requested_wait_s(headers)
+    return None if wait_s is None else min(wait_s, MAX_RETRY_AFTER_S)
+
+
+def _requested_wait_s(headers: Any) -> float | None:
     for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         raw = headers.get(name)
         if raw is None:
