@@ -170,3 +170,23 @@ def test_an_upstream_retry_after_is_bounded(service: Service, upstream: FakeOpen
     assert (status, answer["error"]["code"]) == (429, "upstream_rate_limited")
     assert headers["retry-after"] == "86400"  # a day, not a 309-digit number
     assert upstream.calls == 1  # a wait past the deadline is never started
+
+
+def test_probes_stay_out_of_the_request_metrics(service: Service, upstream: FakeOpenAI) -> None:
+    def counted(samples: dict[str, list]) -> float:
+        return sum(total(samples, "llm_requests_total", endpoint=e) for e in ("/generate", "/health", "unmatched"))
+
+    before = scrape(service)
+    for method, path in (("OPTIONS", "/generate"), ("OPTIONS", "/health"), ("HEAD", "/health"), ("OPTIONS", "/x")):
+        for _ in range(3):
+            status, _, _ = service.request(method, path)
+            assert status < 500
+    assert counted(scrape(service)) == counted(before)
+    assert service.generate({"prompt": "Hi"})[0] == 200
+    after = scrape(service)
+    assert counted(after) == counted(before) + 1  # real traffic still counts
+    assert (
+        total(after, "llm_requests_total", endpoint="/generate", status_code="200")
+        == total(before, "llm_requests_total", endpoint="/generate", status_code="200") + 1
+    )
+    assert not [r for r in service.log_records() if r.get("method") in ("OPTIONS", "HEAD")]  # DEBUG, not INFO
