@@ -17,6 +17,7 @@ from tests.test_observability import scrape, total
 pytestmark = pytest.mark.e2e
 
 MAX_RETRIES = 2
+BASE_URL_PASSWORD = "base-url-password-must-never-be-logged"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def upstream(module_upstream: FakeOpenAI) -> FakeOpenAI:
 def service(module_upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     env = {
         "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": module_upstream.url,
+        # Credentials in the URL, as some gateways take them: they must never reach the log.
+        "OPENAI_BASE_URL": module_upstream.url.replace("http://", f"http://gateway-user:{BASE_URL_PASSWORD}@"),
         "WEB_CONCURRENCY": "1",  # one worker, so /usage reads the counters every request wrote to
         "THREADS": "8",
         "MAX_RETRIES": str(MAX_RETRIES),
@@ -190,3 +192,11 @@ def test_probes_stay_out_of_the_request_metrics(service: Service, upstream: Fake
         == total(before, "llm_requests_total", endpoint="/generate", status_code="200") + 1
     )
     assert not [r for r in service.log_records() if r.get("method") in ("OPTIONS", "HEAD")]  # DEBUG, not INFO
+
+
+def test_credentials_in_the_base_url_are_never_logged(service: Service, upstream: FakeOpenAI) -> None:
+    assert service.generate({"prompt": "Hi"})[0] == 200  # the URL with credentials is used as given
+    configured = [r for r in service.log_records() if r.get("message") == "service configured"]
+    assert configured and all(r["openai_base_url"].startswith("http://***@127.0.0.1:") for r in configured)
+    text = "\n".join(service.log_lines())
+    assert BASE_URL_PASSWORD not in text and "gateway-user" not in text
