@@ -208,7 +208,17 @@ class QuotaGuard:
         self.settle(reservation, 0, None)
 
     def usage(self, client: Client) -> dict[str, Any]:
-        """Return the client's own counters: requests and tokens in the current windows, spend today."""
+        """Return the client's own counters, or raise LimiterUnavailable when they cannot be read.
+
+        Unlike admitting a request, reporting counters cannot fail open: there is nothing true to answer.
+        """
+        try:
+            return self._usage(client)
+        except STORAGE_ERRORS as error:
+            log.error("usage counters unavailable", extra={"error_type": type(error).__name__})
+            raise LimiterUnavailable(retry_after_s=1.0) from None
+
+    def _usage(self, client: Client) -> dict[str, Any]:
         client_limits = self.settings.limits_for(client.name)
         now = datetime.now(UTC)
         requests = []

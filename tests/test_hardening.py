@@ -5,13 +5,14 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
-from tests.servers import Service
+from tests.servers import Service, free_port
 from tests.test_observability import scrape, total
 
 pytestmark = pytest.mark.e2e
@@ -200,3 +201,22 @@ def test_credentials_in_the_base_url_are_never_logged(service: Service, upstream
     assert configured and all(r["openai_base_url"].startswith("http://***@127.0.0.1:") for r in configured)
     text = "\n".join(service.log_lines())
     assert BASE_URL_PASSWORD not in text and "gateway-user" not in text
+
+
+@pytest.mark.parametrize("fail_open", ["true", "false"])
+def test_usage_with_redis_down_is_503_limiter_unavailable(upstream: FakeOpenAI, tmp_path: Path, fail_open: str) -> None:
+    env = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": upstream.url,
+        "WEB_CONCURRENCY": "1",
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        "RATE_LIMIT_FAIL_OPEN": fail_open,
+    }
+    with Service(env, tmp_path / "service.log") as down:
+        status, headers, raw = down.request("GET", "/usage")
+        assert (status, json.loads(raw)["error"]["code"]) == (503, "limiter_unavailable")
+        assert int(headers["retry-after"]) >= 1
+        expected = 200 if fail_open == "true" else 503  # /generate serves without limits only when failing open
+        assert down.generate({"prompt": "Hi"})[0] == expected
+        down.stop()
+        assert not [r for r in down.log_records() if "exc_info" in r]
