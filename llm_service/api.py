@@ -86,7 +86,6 @@ def generate() -> Response:
     """Generate text for one prompt."""
     gen = service()
     client = current_client(gen)
-    g.rate_headers = gen.quotas.hit(client)
     body = load_body(current_app.extensions["llm_service.schema"])
     params = gen.params(body)
     g.record.metrics_model = params.model  # the requested model: one of ALLOWED_MODELS, so labels stay bounded
@@ -96,7 +95,7 @@ def generate() -> Response:
         prompt_hash=prompt_hash(params.prompt),
         prompt_length=len(params.prompt) + len(params.system or ""),
     )
-    reservation = gen.quotas.reserve(client, params)
+    reservation, g.rate_headers = gen.quotas.admit(client, params)
     if body["stream"]:
         return stream_response(gen.stream(params, reservation, g.record.started_monotonic), reservation)
     result = gen.generate(params, reservation, g.record.started_monotonic)
