@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -38,7 +39,7 @@ class Settings:
     """
 
     openai_api_key: str | None = field(default=None, repr=False)
-    openai_base_url: str | None = None
+    openai_base_url: str | None = field(default=None, repr=False)  # may carry user:password@
     provider: str = "openai"
     provider_reason: str = "set directly"
     default_model: str | None = None  # None: gpt-4o-mini, or the local model on the local provider
@@ -172,7 +173,7 @@ class Settings:
             "provider_reason": self.provider_reason,
             "default_model": self.model,
             "openai_api_key_set": bool(self.openai_api_key),
-            "openai_base_url": self.openai_base_url or "default",
+            "openai_base_url": redact_url(self.openai_base_url) if self.openai_base_url else "default",
             "max_chars": self.max_chars,
             "max_output_tokens": self.max_output_tokens,
             "max_retries": self.max_retries,
@@ -192,6 +193,14 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with any user:password@ replaced by ***@, fit to log."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 def _choose_provider(explicit: str | None, api_key: str | None, base_url: str | None) -> tuple[str, str]:

@@ -9,10 +9,13 @@ from decimal import Decimal
 from typing import Any
 
 from .clients import Client
-from .errors import ServiceError
+from .errors import RateWindow, ServiceError
 from .pricing import PriceTable
 from .providers.base import Completion, GenerationParams, Provider, TextDelta, TokenUsage
 from .quotas import QuotaGuard, Reservation, estimate_input_tokens
+
+# Hears where the client stands in its request limit once a request is admitted (for rate-limit headers).
+OnAdmit = Callable[[RateWindow | None], None] | None
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,11 @@ class GenerationService:
         """Return the monotonic time by which the whole request must be answered."""
         return started_monotonic + self.deadline_s
 
-    def generate(self, client: Client, params: GenerationParams, started_monotonic: float) -> Generation:
-        """Reserve the client's quota, generate before the deadline, price the answer and settle the quota."""
-        reservation = self.quotas.reserve(client, params)
+    def generate(
+        self, client: Client, params: GenerationParams, started_monotonic: float, on_admit: OnAdmit = None
+    ) -> Generation:
+        """Admit the request within the client's quotas, generate before the deadline, price it, settle."""
+        reservation = self._admit(client, params, on_admit)
         try:
             completion = self.provider.complete(params, self.deadline(started_monotonic))
         except ServiceError:
@@ -109,14 +114,28 @@ class GenerationService:
             raise
         return self._settled(completion, params, reservation, started_monotonic)
 
-    def stream(self, client: Client, params: GenerationParams, started_monotonic: float) -> GenerationStream:
-        """Return a stream that reserves on its first item, yields deltas, then the priced Generation."""
-        return GenerationStream(lambda out: self._stream(out, client, params, started_monotonic))
+    def stream(
+        self, client: Client, params: GenerationParams, started_monotonic: float, on_admit: OnAdmit = None
+    ) -> GenerationStream:
+        """Return a stream that is admitted on its first item, yields deltas, then the priced Generation."""
+        return GenerationStream(lambda out: self._stream(out, client, params, started_monotonic, on_admit))
+
+    def _admit(self, client: Client, params: GenerationParams, on_admit: OnAdmit) -> Reservation:
+        """Reserve the client's budget and tokens and count the request; tell `on_admit` the request limit."""
+        reservation, request_window = self.quotas.admit(client, params)
+        if on_admit is not None:
+            on_admit(request_window)
+        return reservation
 
     def _stream(
-        self, out: GenerationStream, client: Client, params: GenerationParams, started_monotonic: float
+        self,
+        out: GenerationStream,
+        client: Client,
+        params: GenerationParams,
+        started_monotonic: float,
+        on_admit: OnAdmit,
     ) -> Iterator[TextDelta | Generation]:
-        reservation = self.quotas.reserve(client, params)
+        reservation = self._admit(client, params, on_admit)
         items = None
         deltas = 0
         try:

@@ -107,6 +107,6 @@ def build_services(settings: Settings, catalog: Catalog) -> Services:
     """Build the backend, the limits and the generation use-case, and warm the backend up."""
     provider = build_provider(settings)
     provider.warm_up()
-    quotas = QuotaGuard(settings, catalog.clients)
+    quotas = QuotaGuard(settings, catalog.clients, catalog.prices)
     generation = GenerationService(provider, catalog.prices, quotas, deadline_s=settings.deadline_s)
     return Services(settings, catalog, Authenticator(settings.api_keys), quotas, generation)

@@ -194,10 +194,11 @@ def test_daily_limit_and_spent_budget_say_a_retry_cannot_help(
     assert response.headers["x-should-retry"] == "false"
     assert int(response.headers["retry-after"]) > 60
 
-    broke = keyed(daily_budget_usd=Decimal("0.000001"))
+    broke = keyed(daily_budget_usd=Decimal("0.00001"))  # room for one small request's worst case
+    small = {**CHAT, "max_tokens": 10}
     upstream.enqueue(fake.ok(prompt_tokens=1000, completion_tokens=1000))
-    assert broke.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
-    response = broke.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert broke.post("/v1/chat/completions", json=small, headers=AUTH).status_code == 200
+    response = broke.post("/v1/chat/completions", json=small, headers=AUTH)
     assert response.status_code == 429
     assert response.get_json()["error"]["code"] == "budget_exceeded"
     assert response.get_json()["error"]["type"] == "insufficient_quota"

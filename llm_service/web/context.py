@@ -41,18 +41,14 @@ def current_client() -> Client:
     return client
 
 
-def admit() -> Client:
-    """Authenticate the caller and count the request against its request limit (429 past it)."""
-    client = current_client()
-    current_record().request_window = services().quotas.hit(client)
-    return client
-
-
 def load_body(schema: Schema) -> dict[str, Any]:
     """Parse and validate the JSON body, or raise InvalidRequest with per-field details."""
     if not request.is_json:
         raise InvalidRequest("Content-Type must be application/json.")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nested past the parser's depth: not a ValueError, so `silent` lets it through
+        raise InvalidRequest("The body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.")
     try:

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify
 from ..errors import ServiceError
 from ..generation import Generation
 from ..providers.base import GenerationParams
-from .context import admit, current_client, load_body, schemas, services
+from .context import current_client, load_body, schemas, services
 from .errors import envelope
 from .record import current_record
 from .sse import sse, stream_response
@@ -34,7 +34,7 @@ def generate() -> Response:
     """Generate text for one prompt."""
     svc = services()
     record = current_record()
-    client = admit()
+    client = current_client()
     body = load_body(schemas().generate)
     params = GenerationParams.from_prompt(
         body["prompt"],
@@ -51,8 +51,10 @@ def generate() -> Response:
         prompt_length=params.input_chars,
     )
     if body["stream"]:
-        return stream_response(record, svc.generation.stream(client, params, record.started_monotonic), NativeWire())
-    result = svc.generation.generate(client, params, record.started_monotonic)
+        return stream_response(
+            record, svc.generation.stream(client, params, record.started_monotonic, record.admitted), NativeWire()
+        )
+    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted)
     record.fields.update(result.log_fields())
     return jsonify(request_id=record.request_id, output=result.completion.text, metadata=result.metadata())
 

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, jsonify
 from ..errors import ModelNotFound, ServiceError
 from ..generation import Generation
 from ..providers.base import GenerationParams, Message
-from .context import admit, current_client, load_body, schemas, services
+from .context import current_client, load_body, schemas, services
 from .errors import openai_envelope
 from .openai_schemas import DEFAULT_MAX_TOKENS
 from .record import current_record
@@ -46,7 +46,7 @@ def chat_completions() -> Response:
     """Answer one chat completion, plain or streamed, in OpenAI's shapes."""
     svc = services()
     record = current_record()
-    client = admit()
+    client = current_client()
     body = load_body(schemas().chat)
     if body["model"] not in svc.catalog.allowed_models:
         raise ModelNotFound(details={"model": [f"The model {body['model']!r} is not served here; see GET /v1/models."]})
@@ -73,10 +73,12 @@ def chat_completions() -> Response:
     if body["stream"]:
         include_usage = bool((body["stream_options"] or {}).get("include_usage"))
         wire = ChunkWire(completion_id, created, params.model, include_usage)
-        response = stream_response(record, svc.generation.stream(client, params, record.started_monotonic), wire)
+        response = stream_response(
+            record, svc.generation.stream(client, params, record.started_monotonic, record.admitted), wire
+        )
         record.token_window = svc.quotas.token_window(client)  # after the reservation, for x-ratelimit-*-tokens
         return response
-    result = svc.generation.generate(client, params, record.started_monotonic)
+    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted)
     record.fields.update(result.log_fields())
     record.token_window = svc.quotas.token_window(client)
     completion = result.completion

@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
 
-from .schemas import StrictBoolean, StrictFloat, StrictInteger
+from .schemas import StrictBoolean, StrictFloat, StrictInteger, require_utf8
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
@@ -29,6 +29,7 @@ class MessageContent(fields.Field[str]):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         if isinstance(value, str):
+            require_utf8(value)
             return value
         if not isinstance(value, list):
             raise ValidationError("Must be a string or a list of text parts.")
@@ -39,7 +40,9 @@ class MessageContent(fields.Field[str]):
             if set(part) != {"type", "text"} or not isinstance(part["text"], str):
                 raise ValidationError({index: {"text": ["A text part has a string `text` and nothing else."]}})
             texts.append(part["text"])
-        return "\n".join(texts)
+        joined = "\n".join(texts)
+        require_utf8(joined)
+        return joined
 
 
 class StopSequences(fields.Field[tuple[str, ...]]):
@@ -55,6 +58,8 @@ class StopSequences(fields.Field[tuple[str, ...]]):
             raise ValidationError("Must be a string or a list of strings.")
         if len(items) > MAX_STOP_SEQUENCES:
             raise ValidationError(f"At most {MAX_STOP_SEQUENCES} stop sequences.")
+        for item in items:
+            require_utf8(item)
         return tuple(items)
 
 
