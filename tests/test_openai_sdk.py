@@ -84,6 +84,9 @@ def test_python_sdk_reads_headers_and_lists_models(service: Service) -> None:
     assert int(raw.headers["x-ratelimit-remaining-requests"]) < 100000
     models = [model.id for model in sdk(service).models.list()]
     assert "gpt-4o-mini" in models and "gpt-4o" in models
+    assert sdk(service).models.retrieve("gpt-4o-mini").owned_by == "openai"
+    with pytest.raises(openai.NotFoundError):
+        sdk(service).models.retrieve("gpt-9")
 
 
 def test_python_sdk_raises_its_own_errors(service: Service, upstream: FakeOpenAI) -> None:
@@ -176,5 +179,5 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(service: Ser
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert "7 selected / 7 total" in result.stdout
+    assert "8 selected / 8 total" in result.stdout
     assert " passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]

@@ -31,14 +31,25 @@ def messages_hash(messages: tuple[Message, ...]) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def model_object(model: str) -> dict[str, Any]:
+    """Return OpenAI's model object for one served model."""
+    return {"id": model, "object": "model", "created": STARTED_AT, "owned_by": services().provider.name}
+
+
 @bp.get("/models")
 def models() -> Response:
     """List the models clients may ask for, in OpenAI's list shape."""
     current_client()
-    svc = services()
-    owner = svc.provider.name
-    data = [{"id": m, "object": "model", "created": STARTED_AT, "owned_by": owner} for m in svc.catalog.allowed_models]
-    return jsonify(object="list", data=data)
+    return jsonify(object="list", data=[model_object(model) for model in services().catalog.allowed_models])
+
+
+@bp.get("/models/<path:model>")
+def retrieve_model(model: str) -> Response:
+    """Describe one model clients may ask for; 404 model_not_found for any other."""
+    current_client()
+    if model not in services().catalog.allowed_models:
+        raise ModelNotFound(details={"model": [f"The model {model!r} is not served here; see GET /v1/models."]})
+    return jsonify(model_object(model))
 
 
 @bp.post("/chat/completions")

@@ -8,7 +8,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
 
-from .openai_schemas import ChatCompletionSchema, ModelListSchema, OpenAIErrorEnvelopeSchema
+from .openai_schemas import ChatCompletionSchema, ModelListSchema, ModelSchema, OpenAIErrorEnvelopeSchema
 from .schemas import ErrorEnvelopeSchema, GenerateResponseSchema, HealthSchema, ReadySchema, UsageSchema
 
 NATIVE_ERRORS = {
@@ -38,10 +38,17 @@ def _errors(codes: dict[int, str], envelope: str, *only: int) -> dict[int, Any]:
 
 
 def _operation(
-    summary: str, responses: dict[int, Any], *, body: str | None = None, secured: bool = False
+    summary: str,
+    responses: dict[int, Any],
+    *,
+    body: str | None = None,
+    secured: bool = False,
+    parameters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Return one operation; one with a body, or `secured`, takes an API key (Bearer or X-API-Key)."""
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
     if body is not None:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     if body is not None or secured:
@@ -70,6 +77,7 @@ def build_document(app: Flask) -> dict[str, Any]:
         ("Ready", ReadySchema),
         ("ChatCompletionRequest", schemas.chat),
         ("ChatCompletion", ChatCompletionSchema),
+        ("Model", ModelSchema),
         ("ModelList", ModelListSchema),
         ("OpenAIError", OpenAIErrorEnvelopeSchema),
     ):
@@ -111,6 +119,15 @@ def build_document(app: Flask) -> dict[str, Any]:
                 "The models clients may ask for.",
                 {200: _json("ModelList", "Models"), **_errors(OPENAI_ERRORS, "OpenAIError", 401, 500)},
                 secured=True,
+            ),
+        ),
+        "/v1/models/{model}": (
+            "get",
+            _operation(
+                "One model clients may ask for.",
+                {200: _json("Model", "The model"), **_errors(OPENAI_ERRORS, "OpenAIError", 401, 404, 500)},
+                secured=True,
+                parameters=[{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
             ),
         ),
         "/health": ("get", _operation("Liveness.", {200: _json("Health", "Alive")})),
