@@ -75,6 +75,15 @@ def test_python_sdk_plain_and_streamed_answers_agree(service: Service) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
 
 
+def test_python_sdk_raises_a_failure_after_the_first_chunk(service: Service, upstream: FakeOpenAI) -> None:
+    upstream.enqueue(fake.stream(["one ", "two ", "three"], fail_after=2))
+    received = []
+    with pytest.raises(openai.APIError, match="The model provider failed to answer"):
+        for chunk in ask(sdk(service), stream=True):
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "one two "  # what came before the failure, and no clean end after it
+
+
 def test_python_sdk_reads_headers_and_lists_models(service: Service) -> None:
     raw = sdk(service).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
