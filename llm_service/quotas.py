@@ -96,8 +96,11 @@ class QuotaGuard:
         self.counters: Counters
         storage: limits.storage.Storage
         if settings.redis_url:
+            # Heroku Redis serves TLS with a self-signed certificate: REDIS_TLS_VERIFY=false keeps the
+            # encryption and skips only the certificate check, for this URL alone.
+            tls = {} if settings.redis_tls_verify else {"ssl_cert_reqs": "none"}
             client = redis.Redis.from_url(
-                settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+                settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, **tls
             )
             storage = limits.storage.RedisStorage(
                 settings.redis_url, connection_pool=client.connection_pool, wrap_exceptions=True
