@@ -61,9 +61,7 @@ def test_the_test_server_speaks_only_tls(tls_redis: str) -> None:
         redis.Redis.from_url(tls_redis.replace("rediss://", "redis://"), socket_connect_timeout=0.5).ping()
 
 
-def test_self_signed_certificate_is_refused_by_default(
-    tls_redis: str, make_settings: Callable[..., Settings]
-) -> None:
+def test_self_signed_certificate_is_refused_by_default(tls_redis: str, make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(redis_url=tls_redis))
     response = app.test_client().get("/ready")
     assert response.status_code == 503
