@@ -107,8 +107,6 @@ class Settings:
             problems.append("TOKEN_LIMIT must be at least 1")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             problems.append("REDIS_URL must start with redis://, rediss:// or unix://")
-        if not self.redis_tls_verify and not (self.redis_url or "").startswith("rediss://"):
-            problems.append("REDIS_TLS_VERIFY=false needs a rediss:// REDIS_URL (it only affects TLS connections)")
         return problems
 
     def limits_for(self, client_name: str | None) -> ClientLimits:

@@ -82,6 +82,9 @@ class Container:
         # The key comes from this process's environment at run time (`-e NAME` copies it), never from the image.
         subprocess.run(
             [*podman, "run", "-d", "--name", self.name, "--network", "host", "-e", "OPENAI_API_KEY"]
+            # As deploy/k8s runs it: read-only root, /tmp and the metrics directory on tmpfs, no capabilities.
+            + ["--read-only", "--tmpfs", "/tmp", "--tmpfs", "/var/run/llm-service", "--cap-drop", "ALL"]
+            + ["--security-opt", "no-new-privileges", "-e", "PROMETHEUS_MULTIPROC_DIR=/var/run/llm-service/metrics"]
             + ["-e", f"PORT={self.port}", "-e", f"OPENAI_BASE_URL={upstream.url}", "-e", "WEB_CONCURRENCY=2"]
             + ["-e", "THREADS=8", "-e", "DEADLINE=10", "-e", "RETRY_DELAY=0.01", image],
             env={**os.environ, "OPENAI_API_KEY": RUNTIME_KEY},
@@ -127,6 +130,11 @@ def test_health_and_generate_answer_through_the_container(container: Container, 
     assert (status, body["output"]) == (200, "from the container")
     assert upstream.calls == 1
     assert upstream.requests[0].headers["authorization"] == f"Bearer {RUNTIME_KEY}"  # the run-time secret
+    metrics = container.client.request("GET", "/metrics")[2].decode()
+    assert (
+        'llm_requests_total{client="anonymous",endpoint="/generate",model="gpt-4o-mini",status_code="200"} 1.0'
+        in metrics
+    )
     # The image's own HEALTHCHECK (python, no curl) passes.
     assert subprocess.run([*container.podman, "healthcheck", "run", container.name], timeout=30).returncode == 0
 
