@@ -1,10 +1,11 @@
 """Measure the image as deployed: its size, and the container's memory and CPU per request after load.
 
-    .venv/bin/python scripts/container_stats.py IMAGE [--requests 1000] [--podman PATH]
+    .venv/bin/python scripts/container_stats.py IMAGE [--requests 1000] [--max-tokens 48] [--podman PATH]
 
 Runs IMAGE (read-only root, /tmp on tmpfs, as the Kubernetes manifests do) against the fake upstream on the host
 network, sends requests from 16 threads, then reads every process's RSS and PSS and CPU time from /proc inside
-the container. The figures size deploy/k8s/deployment.yaml's resources and the README's Deploy section.
+the container. The `local` image answers from its embedded model instead (LLM_PROVIDER=local is set in it):
+give it few requests. The figures size deploy/k8s/deployment.yaml's resources and the README's Deploy section.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image")
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--podman", default="podman")
     args = parser.parse_args()
     podman = [args.podman]
@@ -71,7 +73,12 @@ def main() -> None:
         idle = probe(podman, name)
         started = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
-            statuses = list(pool.map(lambda _: client.generate({"prompt": "Hi"})[0], range(args.requests)))
+            statuses = list(
+                pool.map(
+                    lambda _: client.generate({"prompt": "Name three primes.", "max_tokens": args.max_tokens})[0],
+                    range(args.requests),
+                )
+            )
         elapsed_s = time.monotonic() - started
         loaded = probe(podman, name)
         ticks_per_s = os.sysconf("SC_CLK_TCK")
