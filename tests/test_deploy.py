@@ -1,6 +1,7 @@
 """The deploy files, checked offline against their schemas and against the app they deploy.
 
-Kubernetes manifests against the Kubernetes OpenAPI schemas (kubernetes-validate), compose.yaml against the Compose
+Kubernetes manifests, rendered by kubectl's built-in kustomize, against the Kubernetes OpenAPI schemas
+(kubernetes-validate), compose.yaml against the Compose
 specification (the copy check-jsonschema vendors), app.json against Heroku's documented app.json keys; then every
 name, port, path and time in them against the settings, routes and Dockerfile of this repository.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -45,11 +48,26 @@ def routes() -> set[str]:
     return {rule.rule for rule in app.url_map.iter_rules()}
 
 
+def kustomization_files() -> list[Path]:
+    return [K8S / name for name in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]]
+
+
+def kustomize_build() -> list[dict[str, Any]]:
+    """Render the base as `kubectl apply -k` would (kubectl's built-in kustomize)."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl
+    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 def k8s_documents() -> dict[str, dict[str, Any]]:
-    """Return the kustomization's resources (and the Secret template) by kind."""
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    files = [K8S / name for name in kustomization["resources"]] + [K8S / "secret.example.yaml"]
-    documents = [doc for path in files for doc in yaml.safe_load_all(path.read_text()) if doc]
+    """Return the rendered base (the files themselves without kubectl) and the Secret template, by kind."""
+    if shutil.which("kubectl"):
+        documents = kustomize_build()
+    else:
+        documents = [doc for path in kustomization_files() for doc in yaml.safe_load_all(path.read_text()) if doc]
+    documents += [yaml.safe_load((K8S / "secret.example.yaml").read_text())]
     by_kind = {doc["kind"]: doc for doc in documents}
     assert len(by_kind) == len(documents), "one resource of each kind"
     return by_kind
@@ -106,6 +124,16 @@ def test_k8s_manifests_are_valid_kubernetes(version: str) -> None:
             kubernetes_validate.validate(document, version, strict=True)
         except jsonschema.ValidationError as error:  # kubernetes-validate raises jsonschema's own
             pytest.fail(f"{kind} is not valid Kubernetes {version}: {error.message} at {list(error.path)}")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+def test_kustomize_renders_every_file_with_the_image_tag() -> None:
+    rendered = kustomize_build()
+    from_files = [doc for path in kustomization_files() for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert sorted(doc["kind"] for doc in rendered) == sorted(doc["kind"] for doc in from_files)
+    (deployment,) = [doc for doc in rendered if doc["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "llm-service:0.1.0"
 
 
 def test_every_file_in_deploy_k8s_is_a_resource_or_the_secret_template() -> None:
