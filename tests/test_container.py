@@ -102,7 +102,9 @@ class Container:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"container not healthy:\n{self.logs()[-3000:]}")
+                logs = self.logs()
+                self.remove()
+                raise AssertionError(f"container not healthy:\n{logs[-3000:]}")
             time.sleep(0.2)
 
     def logs(self) -> str:
