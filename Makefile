@@ -21,7 +21,7 @@ bench: $(VENV)/.installed-dev $(VENV)/.installed-local
 	$(BIN)/python scripts/bench.py
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/hadolint Dockerfile
 
 install-dev: $(VENV)/.installed-dev
 install-local: $(VENV)/.installed-local

@@ -47,9 +47,15 @@ def load_body(schema: GenerateRequestSchema) -> dict[str, Any]:
 
 @bp.get("/health")
 def health() -> Response:
-    """Answer a liveness probe without touching the backend."""
+    """Answer a liveness probe without touching the backend: the original contract plus today's fields."""
     gen = service()
-    return jsonify(status="ok", provider=gen.provider.name, default_model=gen.settings.default_model)
+    return jsonify(
+        status="healthy",
+        service="llm-service",
+        timestamp=int(time.time()),
+        provider=gen.provider.name,
+        default_model=gen.settings.default_model,
+    )
 
 
 def bearer_token() -> str | None:

@@ -61,6 +61,7 @@ class Settings:
     clients_file: str | None = None
     client_limits: dict[str, ClientLimits] = field(default_factory=dict, compare=False)
     redis_url: str | None = field(default=None, repr=False)
+    redis_tls_verify: bool = True
     rate_limit_fail_open: bool = True
     trusted_proxy_hops: int = 0
     web_concurrency: int = 1
@@ -171,6 +172,7 @@ class Settings:
             clients_file=clients_file,
             client_limits=client_limits,
             redis_url=reader.text("REDIS_URL"),
+            redis_tls_verify=reader.boolean("REDIS_TLS_VERIFY", True),
             rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN", True),
             trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", 0, minimum=0),
             web_concurrency=reader.integer("WEB_CONCURRENCY", 2, minimum=1),
@@ -205,6 +207,7 @@ class Settings:
             "token_limit": self.token_limit,
             "daily_budget_usd": None if self.daily_budget_usd is None else str(self.daily_budget_usd),
             "limits_store": "redis" if self.redis_url else "memory",
+            "redis_tls_verify": self.redis_tls_verify,
             "rate_limit_fail_open": self.rate_limit_fail_open,
             "trusted_proxy_hops": self.trusted_proxy_hops,
         }
