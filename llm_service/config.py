@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -34,7 +35,7 @@ class Settings:
     """Everything the service reads from its environment."""
 
     openai_api_key: str | None = field(default=None, repr=False)
-    openai_base_url: str | None = None
+    openai_base_url: str | None = field(default=None, repr=False)  # may carry user:password@
     provider: str = "openai"
     provider_reason: str = "set directly"
     default_model: str = OPENAI_DEFAULT_MODEL
@@ -194,7 +195,7 @@ class Settings:
             "default_model": self.default_model,
             "allowed_models": len(self.allowed_models),
             "openai_api_key_set": bool(self.openai_api_key),
-            "openai_base_url": self.openai_base_url or "default",
+            "openai_base_url": redact_url(self.openai_base_url) if self.openai_base_url else "default",
             "max_chars": self.max_chars,
             "max_output_tokens": self.max_output_tokens,
             "max_retries": self.max_retries,
@@ -211,6 +212,14 @@ class Settings:
             "rate_limit_fail_open": self.rate_limit_fail_open,
             "trusted_proxy_hops": self.trusted_proxy_hops,
         }
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with any user:password@ replaced by ***@, fit to log."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 def _choose_provider(explicit: str | None, api_key: str | None, base_url: str | None) -> tuple[str, str]:

@@ -21,6 +21,9 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Paths polled by load balancers and scrapers: their summary lines go to DEBUG, not INFO.
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# Methods that probe rather than use the API (CORS preflights, link checkers, HEAD health checks): no
+# generation runs for them, so they are logged at DEBUG and kept out of the request metrics.
+PROBE_METHODS = frozenset({"OPTIONS", "HEAD"})
 
 
 @dataclass
@@ -60,9 +63,13 @@ class RequestRecord:
                 summary["upstream_request_id"] = error.upstream_request_id
         elif error_code:
             summary["error_code"] = error_code
-        log.log(logging.DEBUG if self.path in QUIET_PATHS else logging.INFO, "request", extra=summary)
-        record_request(self.endpoint, self.metrics_model, summary.get("client", "anonymous"), summary)
-        IN_FLIGHT.dec()
+        try:
+            probe = self.method in PROBE_METHODS
+            log.log(logging.DEBUG if probe or self.path in QUIET_PATHS else logging.INFO, "request", extra=summary)
+            if not probe:
+                record_request(self.endpoint, self.metrics_model, summary.get("client", "anonymous"), summary)
+        finally:  # whatever fails above, this request is no longer in flight
+            IN_FLIGHT.dec()
 
 
 def start_request() -> None:

@@ -3,7 +3,9 @@
 Request limits use `limits`' moving window, so "10/minute" means at most 10 in any 60 seconds and the
 Retry-After it gives is exact. `limits` has no notion of reserving an amount and settling it later, nor
 of money, so those two counters are written here, atomically: a Lua script in Redis, a lock in memory.
-With REDIS_URL every counter lives in Redis and holds across workers and instances.
+Tokens and spend are both reserved at their most before the call and settled to the real amount after,
+so concurrent requests cannot pass a limit together. With REDIS_URL every counter lives in Redis and
+holds across workers and instances.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ log = logging.getLogger("llm_service.quotas")
 
 PICO_USD_PER_USD = Decimal(10**12)  # spend is counted in whole pico-dollars: exact integer sums
 TOKEN_WINDOW_S = 60
+SPEND_TTL_S = 2 * 86400  # a day's spend outlives its day, so a request settling after midnight finds it
 REDIS_TIMEOUT_S = 0.5  # a Redis that does not answer must not hold requests up for long
 STORAGE_ERRORS = (limits.errors.StorageError, redis.exceptions.RedisError, OSError)
 
@@ -67,12 +70,14 @@ class InlineExpiryMemoryStorage(limits.storage.MemoryStorage):
 
 @dataclass
 class Reservation:
-    """What one admitted request holds: its token reservation, to settle when it ends."""
+    """What one admitted request holds: its token and spend reservations, to settle when it ends."""
 
     client: Client
     limits: ClientLimits
     token_key: str | None = None
     reserved_tokens: int = 0
+    spend_key: str | None = None  # the day the spend was reserved on, so settling lands on the same day
+    reserved_pico_usd: int = 0
     # Set when the request ended without a usage report and was charged an estimate instead.
     estimate: dict[str, Any] | None = None
 
@@ -136,12 +141,14 @@ class QuotaGuard:
                 if not self.limiter.hit(item, "generate", client.limit_key):
                     headers, reset_at = self._headers(item, client)  # reset: when the oldest hit leaves
                     raise RateLimited(retry_after_s=max(reset_at - time.time(), 1.0), extra_headers=headers)
-            return min(
-                (self._headers(item, client)[0] for item in items), key=lambda h: int(h["X-RateLimit-Remaining"])
-            )
+            return self._closest_headers(client, items)
         except STORAGE_ERRORS as error:
             self._unavailable(error)
             return {}
+
+    def _closest_headers(self, client: Client, items: list[limits.RateLimitItem]) -> dict[str, str]:
+        """Return the X-RateLimit headers of the limit closest to running out."""
+        return min((self._headers(item, client)[0] for item in items), key=lambda h: int(h["X-RateLimit-Remaining"]))
 
     def _headers(self, item: limits.RateLimitItem, client: Client) -> tuple[dict[str, str], float]:
         """Return the X-RateLimit headers of one limit, and the exact time its window frees."""
@@ -153,24 +160,78 @@ class QuotaGuard:
         }
         return headers, stats.reset_time
 
+    def admit(self, client: Client, params: GenerationParams) -> tuple[Reservation, dict[str, str]]:
+        """Reserve the request's budget and tokens, then count it against the request limit.
+
+        In this order a request refused for its budget or tokens uses up no request slot (a moving
+        window cannot give a hit back); one refused by the request limit gives its reservation back.
+        Return the reservation and the X-RateLimit headers.
+        """
+        try:
+            reservation = self.reserve(client, params)
+        except (BudgetExceeded, TokenLimitExceeded) as refusal:
+            try:  # the refusal still tells where the request limit stands, as every 429 here does
+                items = self.items(self.settings.limits_for(client.name).rate_limit)
+                refusal.extra_headers.update(self._closest_headers(client, items))
+            except STORAGE_ERRORS:
+                pass
+            raise
+        try:
+            return reservation, self.hit(client)
+        except (RateLimited, LimiterUnavailable):
+            self.release(reservation)
+            raise
+
     def reserve(self, client: Client, params: GenerationParams) -> Reservation:
-        """Refuse a client over its budget; reserve estimated input + max_tokens against its token limit."""
+        """Reserve the most the request can cost against the budget, and its tokens against the token limit."""
         client_limits = self.settings.limits_for(client.name)
         reservation = Reservation(client, client_limits)
         try:
             if client_limits.daily_budget_usd is not None:
-                self._check_budget(client, client_limits.daily_budget_usd)
+                self._reserve_spend(reservation, client_limits.daily_budget_usd, params)
             if client_limits.token_limit is not None:
-                self._reserve_tokens(reservation, client_limits.token_limit, params)
+                try:
+                    self._reserve_tokens(reservation, client_limits.token_limit, params)
+                except (InvalidRequest, TokenLimitExceeded):
+                    self.release(reservation)
+                    raise
         except STORAGE_ERRORS as error:
             self._unavailable(error)
         return reservation
 
-    def _check_budget(self, client: Client, budget_usd: Decimal) -> None:
+    def max_cost_usd(self, params: GenerationParams) -> Decimal | None:
+        """Return the most a request can cost: estimated input + max_tokens at the model's prices.
+
+        None for a model the price table does not list: its cost is unknown, and never charged.
+        """
+        table = self.settings.price_table
+        return table.cost_usd(
+            table.price_for(params.model),
+            input_tokens=estimate_input_tokens(params),
+            cached_input_tokens=0,
+            output_tokens=params.max_tokens,
+        )
+
+    def _reserve_spend(self, reservation: Reservation, budget_usd: Decimal, params: GenerationParams) -> None:
+        max_cost_usd = self.max_cost_usd(params)
+        budget_pico = int(budget_usd * PICO_USD_PER_USD)
+        if max_cost_usd is not None and max_cost_usd * PICO_USD_PER_USD > budget_pico:
+            raise InvalidRequest(
+                "The request could cost more than this client's daily budget.",
+                details={
+                    "max_tokens": [
+                        f"Prompt and max_tokens could cost up to {max_cost_usd:.6f} USD; "
+                        f"the budget is {budget_usd} USD a day."
+                    ]
+                },
+            )
+        # An unpriced model reserves one pico-dollar: refused once the budget is spent, charged nothing.
+        amount_pico = 1 if max_cost_usd is None else max(math.ceil(max_cost_usd * PICO_USD_PER_USD), 1)
         now = datetime.now(UTC)
-        spent_pico = self.counters.get(self._spend_key(client, now))
-        if spent_pico >= budget_usd * PICO_USD_PER_USD:
+        key = self._spend_key(reservation.client, now)
+        if not self.counters.reserve(key, amount_pico, budget_pico, ttl_s=SPEND_TTL_S):
             raise BudgetExceeded(retry_after_s=_seconds_to_utc_midnight(now))
+        reservation.spend_key, reservation.reserved_pico_usd = key, amount_pico
 
     def _reserve_tokens(self, reservation: Reservation, token_limit: int, params: GenerationParams) -> None:
         estimate = estimate_input_tokens(params) + params.max_tokens
@@ -195,24 +256,37 @@ class QuotaGuard:
         return f"llm:spend:{client.limit_key}:{now.date().isoformat()}"
 
     def settle(self, reservation: Reservation, used_tokens: int | None, cost_usd: Decimal | None) -> None:
-        """Replace the reservation by the tokens really used, and add the real cost to today's spend."""
+        """Replace the reservations by the tokens really used and the real cost (None: unknown, not charged)."""
         try:
             if reservation.token_key is not None and used_tokens is not None:
                 delta = used_tokens - reservation.reserved_tokens
                 if delta:
                     self.counters.add(reservation.token_key, delta, ttl_s=2 * TOKEN_WINDOW_S)
-            if cost_usd:
-                spend_pico = math.ceil(cost_usd * PICO_USD_PER_USD)
-                self.counters.add(self._spend_key(reservation.client, datetime.now(UTC)), spend_pico, ttl_s=2 * 86400)
+            spend_pico = math.ceil(max(cost_usd or Decimal(0), Decimal(0)) * PICO_USD_PER_USD)
+            delta_pico = spend_pico - reservation.reserved_pico_usd
+            if delta_pico:
+                key = reservation.spend_key or self._spend_key(reservation.client, datetime.now(UTC))
+                self.counters.add(key, delta_pico, ttl_s=SPEND_TTL_S)
+            reservation.reserved_pico_usd = spend_pico  # settled: settling again adds nothing
         except STORAGE_ERRORS as error:  # the answer is already given; the counters are behind
             log.error("could not record usage", extra={"error_type": type(error).__name__})
 
     def release(self, reservation: Reservation) -> None:
-        """Give back a reservation whose request used nothing (the upstream failed)."""
+        """Give back the reservations of a request that used nothing (refused, or the upstream failed)."""
         self.settle(reservation, 0, None)
 
     def usage(self, client: Client) -> dict[str, Any]:
-        """Return the client's own counters: requests and tokens in the current windows, spend today."""
+        """Return the client's own counters, or raise LimiterUnavailable when they cannot be read.
+
+        Unlike admitting a request, reporting counters cannot fail open: there is nothing true to answer.
+        """
+        try:
+            return self._usage(client)
+        except STORAGE_ERRORS as error:
+            log.error("usage counters unavailable", extra={"error_type": type(error).__name__})
+            raise LimiterUnavailable(retry_after_s=1.0) from None
+
+    def _usage(self, client: Client) -> dict[str, Any]:
         client_limits = self.settings.limits_for(client.name)
         now = datetime.now(UTC)
         requests = []

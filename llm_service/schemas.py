@@ -30,10 +30,20 @@ class StrictInteger(fields.Integer):
 
 
 class StrictBoolean(fields.Boolean):
-    """A JSON true or false only."""
+    """A JSON true or false only: no 1, 0 or 1.0 (which equal True and False, so a set lookup admits them)."""
 
-    truthy = {True}
-    falsy = {False}
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+def _require_utf8(value: str) -> None:
+    """Refuse text that cannot be sent on: JSON's \\udXXX escapes can decode to unpaired surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Must be valid Unicode text: an unpaired surrogate (\\ud800-\\udfff) is not.") from None
 
 
 class GenerateRequestSchema(Schema):
@@ -59,6 +69,12 @@ class GenerateRequestSchema(Schema):
     def _prompt_not_blank(self, value: str, **_: Any) -> None:
         if not value.strip():
             raise ValidationError("Must not be blank.")
+        _require_utf8(value)
+
+    @validates("system")
+    def _system_is_text(self, value: str | None, **_: Any) -> None:
+        if value is not None:
+            _require_utf8(value)
 
     @validates("model")
     def _model_allowed(self, value: str | None, **_: Any) -> None:

@@ -182,6 +182,23 @@ def test_dead_workers_leave_no_in_flight_behind(upstream: FakeOpenAI, tmp_path: 
         assert total(scrape(service), "llm_in_flight_requests") == 1  # only this scrape
 
 
+def test_in_flight_gauge_drops_even_when_recording_a_request_fails(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm_service import hooks
+    from llm_service.metrics import IN_FLIGHT
+
+    def refuse(*args: object) -> None:
+        raise ValueError("Counters can only be incremented by non-negative amounts.")
+
+    monkeypatch.setattr(hooks, "record_request", refuse)
+    app = create_app(make_settings())
+    app.config["TESTING"] = False  # the unhandled-error path, as served
+    before = IN_FLIGHT._value.get()
+    assert app.test_client().get("/health").status_code == 500
+    assert IN_FLIGHT._value.get() == before
+
+
 def test_metrics_token_is_required_when_set(make_settings: Callable[..., Settings]) -> None:
     client = create_app(make_settings(metrics_token="scrape-me")).test_client()
     assert client.get("/metrics").status_code == 401

@@ -102,14 +102,16 @@ def test_request_limit_refuses_with_true_retry_after(keyed: Callable[..., FlaskC
     assert client.post("/generate", json=HI, headers=bearer(BOB)).status_code == 200  # a second key is unaffected
 
 
-def test_every_generate_response_carries_rate_limit_headers(keyed: Callable[..., FlaskClient]) -> None:
+def test_every_counted_generate_response_carries_rate_limit_headers(keyed: Callable[..., FlaskClient]) -> None:
     client = keyed(rate_limit="5/minute;100/hour")
     ok = client.post("/generate", json=HI, headers=bearer(ALICE))
     invalid = client.post("/generate", json={"prompt": ""}, headers=bearer(ALICE))
-    for response, remaining in ((ok, "4"), (invalid, "3")):
+    again = client.post("/generate", json=HI, headers=bearer(ALICE))
+    for response, remaining in ((ok, "4"), (again, "3")):  # the invalid request used up no slot
         assert response.headers["X-RateLimit-Limit"] == "5"
         assert response.headers["X-RateLimit-Remaining"] == remaining
         assert int(response.headers["X-RateLimit-Reset"]) > time.time()
+    assert invalid.status_code == 400 and "X-RateLimit-Remaining" not in invalid.headers
 
 
 def test_concurrent_requests_cannot_exceed_the_limit(keyed: Callable[..., FlaskClient]) -> None:
@@ -201,6 +203,82 @@ def test_budget_is_spent_by_real_cost_then_refused_until_utc_midnight(
     assert usage["spend_usd_today"] == pytest.approx(0.036)
     assert usage["budget_left_usd"] == 0
     assert client.post("/generate", json=HI, headers=bearer(BOB)).status_code == 200
+
+
+BIG = {"prompt": "Hi", "max_tokens": 250_000}  # gpt-4o-mini: reserves 0.15 USD and a little for the prompt
+
+
+def spend(client: FlaskClient) -> float:
+    return float(client.get("/usage", headers=bearer(ALICE)).get_json()["spend_usd_today"])
+
+
+def test_budget_reservation_settles_to_the_real_cost(keyed: Callable[..., FlaskClient], upstream: FakeOpenAI) -> None:
+    from decimal import Decimal
+
+    client = keyed(daily_budget_usd=Decimal("0.2"), max_output_tokens=250_000)
+    upstream.default = fake.ok(prompt_tokens=1000, completion_tokens=1000)  # 0.00075 USD
+    statuses = [client.post("/generate", json=BIG, headers=bearer(ALICE)).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]  # each settles to its real cost, so the next 0.15 fits again
+    assert spend(client) == pytest.approx(3 * 0.00075)
+
+
+def test_failed_or_rate_limited_requests_give_their_budget_reservation_back(
+    keyed: Callable[..., FlaskClient], upstream: FakeOpenAI
+) -> None:
+    from decimal import Decimal
+
+    client = keyed(daily_budget_usd=Decimal("0.2"), max_output_tokens=250_000, max_retries=0, rate_limit="2/minute")
+    upstream.enqueue(fake.status(500))
+    assert client.post("/generate", json=BIG, headers=bearer(ALICE)).status_code == 502
+    assert spend(client) == 0
+    assert client.post("/generate", json=BIG, headers=bearer(ALICE)).status_code == 200
+    refused = client.post("/generate", json=BIG, headers=bearer(ALICE))
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert spend(client) == pytest.approx((12 * 0.15 + 7 * 0.60) / 1e6)  # the served request's real cost only
+
+
+def test_request_that_could_cost_more_than_the_budget_is_400(
+    keyed: Callable[..., FlaskClient], upstream: FakeOpenAI
+) -> None:
+    from decimal import Decimal
+
+    client = keyed(daily_budget_usd=Decimal("0.1"), max_output_tokens=250_000)
+    response = client.post("/generate", json=BIG, headers=bearer(ALICE))
+    assert (response.status_code, response.get_json()["error"]["code"]) == (400, "invalid_request")
+    assert "max_tokens" in response.get_json()["error"]["details"]
+    assert upstream.calls == 0
+    assert client.get("/usage", headers=bearer(ALICE)).get_json()["requests"][0]["used"] == 0
+
+
+def test_budget_refusal_uses_no_request_slot_and_tells_where_the_limit_stands(
+    keyed: Callable[..., FlaskClient], upstream: FakeOpenAI
+) -> None:
+    from decimal import Decimal
+
+    client = keyed(daily_budget_usd=Decimal("0.2"), max_output_tokens=250_000, rate_limit="5/minute")
+    upstream.default = fake.ok(completion_tokens=250_000)  # 0.15 USD: the next 0.15 cannot fit
+    assert client.post("/generate", json=BIG, headers=bearer(ALICE)).status_code == 200
+    refused = [client.post("/generate", json=BIG, headers=bearer(ALICE)) for _ in range(3)]
+    assert {r.get_json()["error"]["code"] for r in refused} == {"budget_exceeded"}
+    assert {r.headers["X-RateLimit-Remaining"] for r in refused} == {"4"}  # only the served request counted
+    assert client.post("/generate", json=HI, headers=bearer(ALICE)).status_code == 200  # a smaller one fits
+
+
+def test_unpriced_model_spends_nothing_against_the_budget(
+    make_settings: Callable[..., Settings], upstream: FakeOpenAI
+) -> None:
+    from decimal import Decimal
+
+    settings = make_settings(
+        api_keys=parse_api_keys(KEYS),
+        daily_budget_usd=Decimal("0.000001"),
+        allowed_models=("house-model",),
+        default_model="house-model",
+    )
+    client = create_app(settings).test_client()
+    statuses = [client.post("/generate", json=HI, headers=bearer(ALICE)).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]  # its cost is unknown (null), so nothing is charged
+    assert spend(client) == 0
 
 
 def test_clients_file_overrides_limits_per_client(make_settings: Callable[..., Settings], tmp_path: Path) -> None:

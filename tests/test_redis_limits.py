@@ -145,6 +145,30 @@ def test_budget_spent_on_one_instance_is_refused_on_the_other(upstream: FakeOpen
         assert b.generate(HI, headers={"X-API-Key": second})[0] == 200
 
 
+@pytest.mark.e2e
+def test_twenty_concurrent_requests_cannot_spend_past_the_budget(upstream: FakeOpenAI, tmp_path: Path) -> None:
+    api_keys, first, _ = unique_keys()
+    # gpt-4o-mini output is 0.60 USD per million tokens: 250,000 tokens cost 0.15 USD. The upstream
+    # answers slowly, so all 20 requests are in flight together, each before any has been charged.
+    upstream.default = fake.ok(prompt_tokens=0, completion_tokens=250_000, delay_s=0.5)
+    body = {"prompt": "Hi", "max_tokens": 250_000}
+    env = service_env(
+        upstream, api_keys, DAILY_BUDGET_USD="1", RATE_LIMIT="10/minute", MAX_OUTPUT_TOKENS="250000", THREADS="32"
+    )
+    with Service(env, tmp_path / "s.log") as service, ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: service.generate(body, headers={"X-API-Key": first}), range(20)))
+        usage = json.loads(service.request("GET", "/usage", headers={"X-API-Key": first})[2])
+    served = [body for status, body, _ in answers if status == 200]
+    refused = [body["error"]["code"] for status, body, _ in answers if status != 200]
+    spent_usd = sum(Decimal(str(body["metadata"]["cost_usd"])) for body in served)
+    assert spent_usd <= 1
+    assert usage["spend_usd_today"] == pytest.approx(float(spent_usd))
+    assert len(served) == 6  # each reserves 0.15 USD and a little for the prompt: six fit in 1 USD
+    assert refused == ["budget_exceeded"] * 14
+    assert upstream.calls == 6
+    assert usage["requests"][0]["used"] == 6  # refusals for budget used up no request slot
+
+
 def redis_settings(make_settings: Callable[..., Settings], url: str, **overrides: object) -> Settings:
     api_keys, _, _ = unique_keys()
     return make_settings(api_keys=parse_api_keys(api_keys), redis_url=url, **overrides)

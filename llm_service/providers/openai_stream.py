@@ -29,6 +29,7 @@ class OpenStream:
         self.finish_reason: str | None = None
         self.usage: TokenUsage | None = None
         self.ended = False
+        self.chunks_read = 0
 
     def close(self) -> None:
         self.upstream.close()
@@ -45,8 +46,12 @@ class OpenStream:
     def _read_one(self) -> bool:
         chunk = next(self.chunks, None)
         if chunk is None:
+            if not self.chunks_read:
+                # Not an event stream at all (say, a plain JSON body): a bad body, retried like any other.
+                raise ValueError("the upstream's stream carried no events")
             self.ended = True
             return False
+        self.chunks_read += 1
         self._take(chunk)
         return True
 

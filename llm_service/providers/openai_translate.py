@@ -30,10 +30,18 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429})
 BAD_BODY_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 # Everything reading an upstream answer can raise: the client's errors, the transport's, a bad body.
 UPSTREAM_ERRORS = (openai.APIError, httpx2.HTTPError, *BAD_BODY_ERRORS)
+# The longest wait an upstream may ask for that we repeat: a day. The retry loop never waits past the
+# request's deadline anyway; this bounds the Retry-After header a client gets back.
+MAX_RETRY_AFTER_S = 86400.0
 
 
 def retry_after_s(headers: Any) -> float | None:
-    """Return the upstream's requested wait: retry-after-ms, else Retry-After in seconds or as an HTTP date."""
+    """Return the upstream's requested wait, at most a day: retry-after-ms, else Retry-After (seconds or a date)."""
+    wait_s = _requested_wait_s(headers)
+    return None if wait_s is None else min(wait_s, MAX_RETRY_AFTER_S)
+
+
+def _requested_wait_s(headers: Any) -> float | None:
     for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         raw = headers.get(name)
         if raw is None:
@@ -100,8 +108,22 @@ def token_usage(usage: Any) -> TokenUsage | None:
     if usage is None:
         return None
     details = getattr(usage, "prompt_tokens_details", None)
-    return TokenUsage(
-        input=int(usage.prompt_tokens),
-        output=int(usage.completion_tokens),
-        cached_input=int(getattr(details, "cached_tokens", None) or 0),
+    counts = TokenUsage(
+        input=_token_count(usage.prompt_tokens),
+        output=_token_count(usage.completion_tokens),
+        cached_input=_token_count(getattr(details, "cached_tokens", None) or 0),
     )
+    if counts.cached_input > counts.input:
+        raise ValueError("the upstream reported more cached input tokens than input tokens")
+    return counts
+
+
+def _token_count(value: Any) -> int:
+    """Return a reported token count, or raise ValueError (a bad body) unless it is a whole number >= 0.
+
+    The client's models are not validated, so a count can be anything the upstream sent: a negative one
+    would lower the client's spend and break the token counters.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"the upstream reported an invalid token count: {type(value).__name__}")
+    return value
