@@ -33,7 +33,7 @@ bench: $(VENV)/.installed-dev $(VENV)/.installed-local
 	$(BIN)/python scripts/bench.py
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/hadolint Dockerfile
 
 report: $(VENV)/.installed-prod
 	@$(BIN)/python -m llm_service.report $(ARGS) $(LOG)

@@ -65,6 +65,7 @@ class Settings:
     daily_budget_usd: Decimal | None = None
     clients_file: str | None = None
     redis_url: str | None = field(default=None, repr=False)
+    redis_tls_verify: bool = True
     rate_limit_fail_open: bool = True
     trusted_proxy_hops: int = 0
     web_concurrency: int = 2
@@ -157,6 +158,7 @@ class Settings:
             daily_budget_usd=reader.parsed("DAILY_BUDGET_USD", parse_budget),
             clients_file=reader.text("CLIENTS_FILE"),
             redis_url=reader.text("REDIS_URL"),
+            redis_tls_verify=reader.boolean("REDIS_TLS_VERIFY"),
             rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN"),
             trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", minimum=0),
             web_concurrency=reader.integer("WEB_CONCURRENCY", minimum=1),
@@ -186,6 +188,7 @@ class Settings:
             "token_limit": self.token_limit,
             "daily_budget_usd": None if self.daily_budget_usd is None else str(self.daily_budget_usd),
             "limits_store": "redis" if self.redis_url else "memory",
+            "redis_tls_verify": self.redis_tls_verify,
             "rate_limit_fail_open": self.rate_limit_fail_open,
             "trusted_proxy_hops": self.trusted_proxy_hops,
         }

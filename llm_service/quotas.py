@@ -103,8 +103,12 @@ class QuotaGuard:
         self.counters: Counters
         storage: limits.storage.Storage
         if settings.redis_url:
+            # Heroku Redis serves TLS with a self-signed certificate: REDIS_TLS_VERIFY=false keeps the
+            # encryption and skips only the certificate check. A redis:// URL has no TLS to relax.
+            relax = not settings.redis_tls_verify and settings.redis_url.startswith("rediss://")
+            tls = {"ssl_cert_reqs": "none"} if relax else {}
             client = redis.Redis.from_url(
-                settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+                settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, **tls
             )
             storage = limits.storage.RedisStorage(
                 settings.redis_url, connection_pool=client.connection_pool, wrap_exceptions=True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -151,8 +152,18 @@ def test_unsafe_incoming_request_id_is_replaced_by_uuid4(client: FlaskClient, ba
 
 
 def test_health_is_cheap_and_never_calls_upstream(client: FlaskClient, upstream: FakeOpenAI) -> None:
+    before_s = int(time.time())
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.get_json()["status"] == "ok"
+    body = response.get_json()
+    # The original specification's contract, plus today's fields.
+    assert body == {
+        "status": "healthy",
+        "service": "llm-service",
+        "timestamp": body["timestamp"],
+        "provider": "openai",
+        "default_model": "gpt-4o-mini",
+    }
+    assert isinstance(body["timestamp"], int) and before_s <= body["timestamp"] <= time.time()
     assert re.fullmatch(r"[0-9a-f-]{36}", response.headers["X-Request-ID"])
     assert upstream.calls == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
@@ -15,9 +16,15 @@ bp = Blueprint("ops", __name__)
 
 @bp.get("/health")
 def health() -> Response:
-    """Answer a liveness probe without touching the backend."""
+    """Answer a liveness probe without touching the backend: the original contract plus today's fields."""
     svc = services()
-    return jsonify(status="ok", provider=svc.provider.name, default_model=svc.catalog.default_model)
+    return jsonify(
+        status="healthy",
+        service="llm-service",
+        timestamp=int(time.time()),
+        provider=svc.provider.name,
+        default_model=svc.catalog.default_model,
+    )
 
 
 @bp.get("/ready")

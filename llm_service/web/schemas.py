@@ -163,6 +163,10 @@ class HealthSchema(Schema):
         unknown = INCLUDE  # liveness may say more than its status
 
     status = fields.String(required=True)
+    service = fields.String()
+    timestamp = fields.Integer(metadata={"description": "Unix time, seconds"})
+    provider = fields.String()
+    default_model = fields.String()
 
 
 class ReadySchema(Schema):
