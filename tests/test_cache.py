@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from llm_service.report import main as report_main
 from llm_service.startup import backend_identity
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
+from tests.servers import Service
 from tests.test_redis_limits import SHARED_REDIS, PrivateRedis, private_redis, shared_redis, unique_keys
 from tests.test_streaming import parse_events
 
@@ -435,3 +437,38 @@ def test_the_log_report_shows_hits_and_money_saved() -> None:
     report_main([], stdin=io.StringIO("\n".join(CACHE_LOG)), stdout=text)
     assert "hits 2  misses 1  bypassed 1  hit rate 66.67%" in text.getvalue()
     assert "saved USD       0.00150000" in text.getvalue()
+
+
+def two_instance_env(upstream: FakeOpenAI, **extra: str) -> dict[str, str]:
+    return {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": upstream.url,
+        "REDIS_URL": SHARED_REDIS,
+        "WEB_CONCURRENCY": "2",
+        "RATE_LIMIT": "1000/minute",
+        **extra,
+    }
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("leader_fails", [False, True], ids=["leader-answers", "leader-fails"])
+def test_twenty_identical_requests_over_two_instances_make_one_upstream_call(
+    upstream: FakeOpenAI, tmp_path: Path, leader_fails: bool
+) -> None:
+    upstream.default = fake.ok("Shared by twenty.", delay_s=1.0)
+    if leader_fails:
+        upstream.enqueue(fake.status(500, delay_s=1.0))
+    env = two_instance_env(upstream, MAX_RETRIES="0")
+    body = {"prompt": question(), "temperature": 0}
+    with Service(env, tmp_path / "a.log") as a, Service(env, tmp_path / "b.log") as b, ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: (a, b)[i % 2].generate(body), range(20)))
+    statuses = sorted(status for status, _, _ in answers)
+    if leader_fails:  # the leader's own answer is the failure; one waiter takes over, the rest wait for it
+        assert statuses == [200] * 19 + [502]
+        assert upstream.calls == 2
+    else:
+        assert statuses == [200] * 20
+        assert upstream.calls == 1
+    hits = [headers["x-cache"] for status, _, headers in answers if status == 200]
+    assert hits.count("MISS") == 1 and hits.count("HIT") == len(hits) - 1
+    assert {answer["output"] for status, answer, _ in answers if status == 200} == {"Shared by twenty."}

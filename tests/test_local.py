@@ -32,7 +32,8 @@ SHORT = GenerationParams.from_prompt("Hi", model=MODEL, max_tokens=4)
 
 @pytest.fixture(scope="module")
 def local_settings() -> Settings:
-    return Settings.from_env({"LOCAL_THREADS": "1"})
+    # The response cache off: these tests are about the model's own answers, not repeats served from memory.
+    return Settings.from_env({"LOCAL_THREADS": "1", "CACHE_MODE": "off"})
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,8 @@ def test_prompt_beyond_the_context_window_is_rejected(provider: LocalProvider) -
 @pytest.fixture(scope="module")
 def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     log_path: Path = tmp_path_factory.mktemp("local") / "service.log"
-    with Service({"WEB_CONCURRENCY": "2", "THREADS": "8", "LOCAL_THREADS": "1"}, log_path) as running:
+    env = {"WEB_CONCURRENCY": "2", "THREADS": "8", "LOCAL_THREADS": "1", "CACHE_MODE": "off"}
+    with Service(env, log_path) as running:
         yield running
 
 
