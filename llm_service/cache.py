@@ -28,6 +28,7 @@ from .providers.base import Completion, GenerationParams, TokenUsage
 STORED_FINISH_REASONS = frozenset({"stop", "length"})
 KEY_VERSION = "v1"  # part of every key: a change of the entry format starts a fresh cache
 POLL_FIRST_S, POLL_MAX_S = 0.01, 0.1  # how often a waiter looks in a shared store for the answer
+UNSTORED_MARK_S = 10  # how long waiters elsewhere learn that the leader's answer could not be stored
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,16 @@ def cache_key(scope: str, backend: str, params: GenerationParams) -> str:
     return f"llm:cache:{KEY_VERSION}:" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class Flight:
+    """Identical requests of this process in flight together: ended when the leader's request ends."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        # stored: look it up; unstored: answered but not storable, so each waiter asks for itself (all at
+        # once, not one after another); failed: one waiter takes over.
+        self.outcome = "failed"
+
+
 class ResponseCache:
     """Decides per request whether and how the cache takes part, and holds this process's flights."""
 
@@ -142,7 +153,7 @@ class ResponseCache:
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
         self.outage = Outage()
-        self._flights: dict[str, threading.Event] = {}
+        self._flights: dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
 
     @classmethod
@@ -165,21 +176,22 @@ class ResponseCache:
         scope = f"client:{client.name}" if self.per_client and client.name else "shared"
         return Ticket(self, cache_key(scope, self.backend, params), directives, CacheStatus("miss"))
 
-    def join_flight(self, key: str) -> tuple[bool, threading.Event]:
-        """Join this process's flight for `key`: return whether this request leads it, and its end event."""
+    def join_flight(self, key: str) -> tuple[bool, Flight]:
+        """Join this process's flight for `key`: return whether this request leads it, and the flight."""
         with self._flights_lock:
-            event = self._flights.get(key)
-            if event is not None:
-                return False, event
-            event = self._flights[key] = threading.Event()
-            return True, event
+            flight = self._flights.get(key)
+            if flight is not None:
+                return False, flight
+            flight = self._flights[key] = Flight()
+            return True, flight
 
-    def end_flight(self, key: str, event: threading.Event) -> None:
+    def end_flight(self, key: str, flight: Flight, outcome: str) -> None:
         """End a flight this request led, waking the requests that wait for it."""
         with self._flights_lock:
-            if self._flights.get(key) is event:
+            if self._flights.get(key) is flight:
                 del self._flights[key]
-        event.set()
+        flight.outcome = outcome
+        flight.ended.set()
 
 
 class Ticket:
@@ -190,8 +202,9 @@ class Ticket:
         self.key = key
         self.directives = directives
         self.status = status
-        self._flight: threading.Event | None = None
+        self._flight: Flight | None = None
         self._lock_token: str | None = None
+        self._outcome = "failed"  # until the answer is stored, or found not storable
 
     def find(self, deadline_monotonic: float) -> CachedAnswer | None:
         """Return a cached answer, waiting for an identical request in flight; None: call the backend.
@@ -212,14 +225,17 @@ class Ticket:
             answer = self._lookup(key)
             if answer is not None:
                 return answer
-            leads, event = self.cache.join_flight(key)
+            leads, flight = self.cache.join_flight(key)
             if not leads:  # another request of this process leads: wait for it to end, then look again
-                if not event.wait(max(deadline_monotonic - time.monotonic(), 0.0)):
+                if not flight.ended.wait(max(deadline_monotonic - time.monotonic(), 0.0)):
                     raise _waited_too_long()
+                if flight.outcome == "unstored":
+                    return None  # nothing to find: call the backend, without leading anyone
                 continue
-            self._flight = event
+            self._flight = flight
             answer = self._lead_or_wait_elsewhere(key, deadline_monotonic)
             if answer is not None:
+                self._outcome = "stored"
                 self.close()  # wake this process's waiters: the answer is in the store
             return answer
 
@@ -230,6 +246,10 @@ class Ticket:
         while True:
             if self.cache.store.lock(key, token):
                 self._lock_token = token
+                if self.cache.store.get(f"{key}:unstored") is not None:  # the last leader's answer did not fit
+                    self._outcome = "unstored"
+                    self.close()  # so every waiter, here and elsewhere, asks for itself now
+                    return None
                 return self._lookup(key)  # an answer stored between the lookup and the lock is still a hit
             if time.monotonic() + poll_s > deadline_monotonic:
                 raise _waited_too_long()
@@ -255,6 +275,7 @@ class Ticket:
         """Store a finished answer, unless it is not a success (finish_reason stop or length) or too large."""
         if self.key is None or self.status.reason == "unavailable":
             return
+        self._outcome = "unstored"
         if completion.finish_reason not in STORED_FINISH_REASONS:
             return
         raw = CachedAnswer(completion, cost_usd, time.time()).to_bytes()
@@ -262,6 +283,7 @@ class Ticket:
             return
         try:
             self.cache.store.set(self.key, raw, self.cache.ttl_s)
+            self._outcome = "stored"
         except STORE_ERRORS as error:
             self._unavailable(error)
 
@@ -272,12 +294,14 @@ class Ticket:
         if self._lock_token is not None:
             token, self._lock_token = self._lock_token, None
             try:
+                if self._outcome == "unstored" and self.cache.store.shared:
+                    self.cache.store.set(f"{self.key}:unstored", b"1", UNSTORED_MARK_S)
                 self.cache.store.unlock(self.key, token)
             except STORE_ERRORS as error:  # the lock lapses by itself within LOCK_TTL_MS
                 self._unavailable(error)
         if self._flight is not None:
-            event, self._flight = self._flight, None
-            self.cache.end_flight(self.key, event)
+            flight, self._flight = self._flight, None
+            self.cache.end_flight(self.key, flight, self._outcome)
 
     def _unavailable(self, error: BaseException) -> None:
         self.cache.outage.failed(error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -176,8 +177,6 @@ class _Clock:
     """The time module, with Unix time fixed at a later moment (monotonic time runs on)."""
 
     def __init__(self, now: float) -> None:
-        import time
-
         self._now, self.monotonic, self.sleep = now, time.monotonic, time.sleep
 
     def time(self) -> float:
@@ -344,12 +343,30 @@ def test_when_the_leader_fails_one_waiter_takes_over(
     assert slow_upstream.calls == 2
 
 
+def test_waiters_for_an_answer_that_cannot_be_stored_ask_at_once_not_in_turn(
+    build: Callable[..., FlaskClient], slow_upstream: FakeOpenAI, store: dict[str, Any]
+) -> None:
+    # Six calls of 0.5 s one after another would run past the 2 s deadline; side by side they do not.
+    client, prompt = build(cache_max_entry_bytes=10, deadline_s=2.0, **store), question()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: ask(client, prompt), range(6)))
+    assert [a.status_code for a in answers] == [200] * 6
+    assert {a.headers["X-Cache"] for a in answers} == {"MISS"}
+    assert slow_upstream.calls == 6
+
+
 def test_a_waiter_gives_up_at_its_own_deadline(build: Callable[..., FlaskClient], upstream: FakeOpenAI) -> None:
-    client, prompt = build(deadline_s=0.5, timeout_s=5.0), question()
-    upstream.enqueue(fake.ok("too late", delay_s=0.8))
+    # Two instances sharing Redis: the leader may take 5 s, the waiter only 0.5 s.
+    patient, hasty = build(redis_url=SHARED_REDIS), build(redis_url=SHARED_REDIS, deadline_s=0.5)
+    prompt = question()
+    upstream.enqueue(fake.ok("slow but sure", delay_s=1.5))
     with ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda _: ask(client, prompt), range(2)))
-    assert sorted(a.status_code for a in answers) == [504, 504]  # the leader's own deadline ends it too
+        leader = pool.submit(ask, patient, prompt)
+        while upstream.calls == 0:  # the leader holds the lock once its call is out
+            time.sleep(0.01)
+        waiter = pool.submit(ask, hasty, prompt)
+        assert waiter.result().status_code == 504
+        assert leader.result().status_code == 200
     assert upstream.calls == 1
 
 
