@@ -23,7 +23,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     configure_app(app, settings)
     web.init_app(app, startup.build_services(settings, catalog))
-    log.info("service configured", extra={**settings.describe(), "allowed_models": len(catalog.allowed_models)})
+    loaded = {"allowed_models": len(catalog.allowed_models), "price_source": catalog.prices.source}
+    log.info("service configured", extra={**settings.describe(), **loaded})
     warn_about_open_settings(settings)
     return app
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -192,10 +191,6 @@ class Settings:
             "rate_limit_fail_open": self.rate_limit_fail_open,
             "trusted_proxy_hops": self.trusted_proxy_hops,
         }
-
-    def replace(self, **changes: Any) -> Settings:
-        """Return a copy with `changes` applied."""
-        return dataclasses.replace(self, **changes)
 
 
 def redact_url(url: str) -> str:
