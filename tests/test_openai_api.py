@@ -320,3 +320,24 @@ def test_a_stream_is_logged_once_however_it_ends(
     (summary,) = [r for r in caplog.records if r.name == "llm_service.request"]
     assert summary.status == status and summary.stream is True
     assert REGISTRY.get_sample_value("llm_in_flight_requests") == in_flight
+
+
+def test_spent_upstream_quota_says_a_retry_cannot_help(chat: FlaskClient, upstream: FakeOpenAI) -> None:
+    upstream.enqueue(fake.status(429, error_code="insufficient_quota"))
+    response = chat.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "upstream_quota_exceeded"
+    assert response.headers["x-should-retry"] == "false"
+    assert upstream.calls == 1
+
+
+def test_upstream_rate_limit_keeps_its_retry_after_for_the_sdk(
+    keyed: Callable[..., FlaskClient], upstream: FakeOpenAI
+) -> None:
+    client = keyed(max_retries=0)
+    upstream.enqueue(fake.status(429, headers={"retry-after": "7"}))
+    response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 429
+    assert response.get_json()["error"]["type"] == "rate_limit_error"
+    assert response.headers["retry-after"] == "7"
+    assert "x-should-retry" not in response.headers
