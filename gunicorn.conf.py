@@ -14,9 +14,10 @@ from dotenv import load_dotenv
 
 load_dotenv()  # the same .env the app reads; the real environment wins
 
-from llm_service.config import ConfigError, Settings  # noqa: E402
+from llm_service.config import ConfigError  # noqa: E402
 from llm_service.logs import logging_config  # noqa: E402
 from llm_service.providers import installation_problem  # noqa: E402
+from llm_service.startup import load_env  # noqa: E402
 
 
 def _int_env(name: str, default: int) -> int:
@@ -35,7 +36,7 @@ def _fail(message: str) -> None:
 
 # Fail in the master, before any worker forks, with one message naming every bad setting.
 try:
-    _settings = Settings.from_env(os.environ)
+    _settings, _ = load_env(os.environ)  # the settings and the files they name (prices, clients)
 except ConfigError as _error:
     _fail(str(_error))
 if _problem := installation_problem(_settings):

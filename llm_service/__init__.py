@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 from flask import Flask
 
@@ -15,14 +14,17 @@ log = logging.getLogger("llm_service")
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the WSGI app from `settings`, or from the environment when none are given."""
-    settings = settings or Settings.from_env(os.environ)
+    from . import startup, web
+
+    if settings is None:
+        settings, catalog = startup.load_env(os.environ)
+    else:
+        catalog = startup.load(settings)
     app = Flask(__name__)
     configure_app(app, settings)
-    register_services(app, settings)
-    register_request_hooks(app)
-    register_blueprints(app)
-    register_error_handlers(app)
-    log.info("service configured", extra=settings.describe())
+    web.init_app(app, startup.build_services(settings, catalog))
+    loaded = {"allowed_models": len(catalog.allowed_models), "price_source": catalog.prices.source}
+    log.info("service configured", extra={**settings.describe(), **loaded})
     warn_about_open_settings(settings)
     return app
 
@@ -32,7 +34,6 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from .logs import configure_logging
 
     configure_logging(settings.log_level)
-    app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
@@ -43,44 +44,6 @@ def configure_app(app: Flask, settings: Settings) -> None:
         # entries a client wrote itself lie further left and are ignored.
         hops = settings.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
-
-
-def register_services(app: Flask, settings: Settings) -> None:
-    """Create the generation service and the request schema once per app."""
-    from .schemas import GenerateRequestSchema
-    from .service import GenerationService
-
-    generation = GenerationService(settings)
-    generation.provider.warm_up()
-    app.extensions["llm_service"] = generation
-    # Set by gunicorn's SIGTERM (see gunicorn.conf.py): /ready then answers 503 while requests finish.
-    app.extensions["llm_service.draining"] = threading.Event()
-    app.extensions["llm_service.schema"] = GenerateRequestSchema(
-        max_chars=settings.max_chars,
-        max_output_tokens=settings.max_output_tokens,
-        allowed_models=settings.allowed_models,
-    )
-
-
-def register_request_hooks(app: Flask) -> None:
-    """Give every request an id, a summary log line and its metrics."""
-    from .hooks import register_request_hooks as register
-
-    register(app)
-
-
-def register_blueprints(app: Flask) -> None:
-    """Mount the HTTP API."""
-    from .api import bp
-
-    app.register_blueprint(bp)
-
-
-def register_error_handlers(app: Flask) -> None:
-    """Answer every error with the one envelope."""
-    from .errors import register_error_handlers as register
-
-    register(app)
 
 
 def warn_about_open_settings(settings: Settings) -> None:

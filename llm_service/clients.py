@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -122,18 +120,12 @@ def parse_budget(raw: str | None) -> Decimal | None:
     return _optional_budget(raw, "the value") if raw else None
 
 
-def load_client_overrides(
-    path: str, defaults: ClientLimits, known_names: set[str], check_rate_limit: Any
+def parse_client_overrides(
+    document: Any, origin: str, defaults: ClientLimits, known_names: set[str], check_rate_limit: Any
 ) -> dict[str, ClientLimits]:
-    """Read CLIENTS_FILE: {"name": {"rate_limit"?, "token_limit"?, "daily_budget_usd"?}}; raise ValueError."""
-    try:
-        document = json.loads(Path(path).read_text("utf-8"))
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error.msg}") from None
+    """Parse CLIENTS_FILE: {"name": {"rate_limit"?, "token_limit"?, "daily_budget_usd"?}}; raise ValueError."""
     if not isinstance(document, dict):
-        raise ValueError(f"{path} must hold an object of client names")
+        raise ValueError(f"{origin} must hold an object of client names")
     overrides = {}
     allowed = {"rate_limit", "token_limit", "daily_budget_usd"}
     for name, entry in document.items():
@@ -151,3 +143,17 @@ def load_client_overrides(
             ),
         )
     return overrides
+
+
+class ClientPolicy:
+    """The limits of each client: its CLIENTS_FILE entry, else the defaults."""
+
+    def __init__(self, defaults: ClientLimits, overrides: dict[str, ClientLimits] | None = None) -> None:
+        self.defaults = defaults
+        self.overrides = overrides or {}
+
+    def limits_for(self, client_name: str | None) -> ClientLimits:
+        """Return the limits that apply to `client_name` (None: an anonymous caller)."""
+        if client_name is not None and client_name in self.overrides:
+            return self.overrides[client_name]
+        return self.defaults

@@ -1,4 +1,4 @@
-"""Settings, read once from the environment and validated at start-up."""
+"""Settings: plain typed values read once from the environment, each default written once, no file I/O."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import limits
 
-from .clients import ApiKey, ClientLimits, load_client_overrides, parse_api_keys, parse_budget
-from .pricing import PriceTable, PricingError, load_price_table
+from .clients import ApiKey, parse_api_keys, parse_budget
 
 T = TypeVar("T")
 
@@ -32,13 +31,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the service reads from its environment."""
+    """Everything the service reads from its environment, as plain values.
+
+    `allowed_models` empty means every model the price table knows (the local model alone on the
+    local provider); the files named here (PRICING_FILE, CLIENTS_FILE) are read by llm_service.startup.
+    """
 
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = field(default=None, repr=False)  # may carry user:password@
     provider: str = "openai"
     provider_reason: str = "set directly"
-    default_model: str = OPENAI_DEFAULT_MODEL
+    default_model: str | None = None  # None: gpt-4o-mini, or the local model on the local provider
     allowed_models: tuple[str, ...] = ()
     max_chars: int = 4000
     max_output_tokens: int = 4000
@@ -60,40 +63,39 @@ class Settings:
     token_limit: int | None = None
     daily_budget_usd: Decimal | None = None
     clients_file: str | None = None
-    client_limits: dict[str, ClientLimits] = field(default_factory=dict, compare=False)
     redis_url: str | None = field(default=None, repr=False)
     redis_tls_verify: bool = True
     rate_limit_fail_open: bool = True
     trusted_proxy_hops: int = 0
-    web_concurrency: int = 1
+    web_concurrency: int = 2
     metrics_token: str | None = field(default=None, repr=False)
-    price_table: PriceTable = field(default_factory=load_price_table, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.allowed_models:
-            object.__setattr__(self, "allowed_models", self._default_allowed_models())
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
+        if self.default_model is None:
+            model = self.local_model_name if self.provider == "local" else OPENAI_DEFAULT_MODEL
+            object.__setattr__(self, "default_model", model)
+        if not self.allowed_models and self.provider == "local":
+            object.__setattr__(self, "allowed_models", (self.local_model_name,))
 
-    def _default_allowed_models(self) -> tuple[str, ...]:
-        if self.provider == "local":
-            return (self.local_model_name,)
-        return self.price_table.models
+    @property
+    def model(self) -> str:
+        """Return the model for requests that name none."""
+        return self.default_model or OPENAI_DEFAULT_MODEL
 
     @property
     def max_body_bytes(self) -> int:
         """Return the largest request body a valid request could need."""
-        # A character can take 12 bytes as a JSON-escaped surrogate pair; the rest is field overhead.
-        return self.max_chars * 12 + 16 * 1024
+        # A character can take 12 bytes as a JSON-escaped surrogate pair; the rest is field overhead
+        # (a chat request repeats its roles and part types per message, hence the larger margin).
+        return self.max_chars * 12 + 64 * 1024
 
     def problems(self) -> list[str]:
-        """List every inconsistent value; empty when the settings are usable."""
+        """List every inconsistent value that needs no file to see; empty when none is."""
         problems = []
         if self.provider not in PROVIDERS:
             problems.append(f"LLM_PROVIDER must be one of {', '.join(PROVIDERS)}")
-        if self.default_model not in self.allowed_models:
-            problems.append(f"DEFAULT_MODEL {self.default_model!r} is not in ALLOWED_MODELS")
+        if self.allowed_models and self.model not in self.allowed_models:
+            problems.append(f"DEFAULT_MODEL {self.model!r} is not in ALLOWED_MODELS")
         if self.provider == "local" and self.allowed_models != (self.local_model_name,):
             problems.append(f"ALLOWED_MODELS with LLM_PROVIDER=local can only be {self.local_model_name!r}")
         if self.log_level not in LOG_LEVELS:
@@ -110,90 +112,67 @@ class Settings:
             problems.append("REDIS_URL must start with redis://, rediss:// or unix://")
         return problems
 
-    def limits_for(self, client_name: str | None) -> ClientLimits:
-        """Return the limits of a client: its CLIENTS_FILE entry, else the defaults."""
-        if client_name is not None and client_name in self.client_limits:
-            return self.client_limits[client_name]
-        return ClientLimits(self.rate_limit, self.token_limit, self.daily_budget_usd)
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Build settings from `environ`, raising one ConfigError that names every bad value."""
+        settings, problems = cls.read_env(environ)
+        problems += settings.problems()
+        if problems:
+            raise ConfigError(problems)
+        return settings
+
+    @classmethod
+    def read_env(cls, environ: Mapping[str, str]) -> tuple[Settings, list[str]]:
+        """Return settings from `environ` (defaults in place of bad values) and the bad values found."""
         reader = _EnvReader(environ)
         api_key = reader.text("OPENAI_API_KEY")
         base_url = reader.text("OPENAI_BASE_URL")
         provider, reason = _choose_provider(reader.text("LLM_PROVIDER"), api_key, base_url)
-        local_name = reader.text("LOCAL_MODEL_NAME") or LOCAL_MODEL_NAME
-        default_model = reader.text("DEFAULT_MODEL") or (local_name if provider == "local" else OPENAI_DEFAULT_MODEL)
-        pricing_file = reader.text("PRICING_FILE")
-        price_table = reader.parsed("PRICING_FILE", pricing_file, load_price_table)
-        api_keys = reader.parsed("API_KEYS", reader.text("API_KEYS"), parse_api_keys) or ()
-        rate_limit = reader.text("RATE_LIMIT") or "60/minute"
-        token_limit = reader.integer("TOKEN_LIMIT", 1, minimum=1) if reader.text("TOKEN_LIMIT") else None
-        budget = reader.parsed("DAILY_BUDGET_USD", reader.text("DAILY_BUDGET_USD"), parse_budget)
-        clients_file = reader.text("CLIENTS_FILE")
-        client_limits: dict[str, ClientLimits] = {}
-        if clients_file:
-            defaults = ClientLimits(rate_limit, token_limit, budget)
-            names = {key.name for key in api_keys}
-            client_limits = (
-                reader.parsed(
-                    "CLIENTS_FILE",
-                    clients_file,
-                    lambda path: load_client_overrides(str(path), defaults, names, check_rate_limit),
-                )
-                or {}
-            )
-        values = dict(
+        allowed = tuple(m for m in (reader.text("ALLOWED_MODELS") or "").replace(" ", "").split(",") if m)
+        values: dict[str, Any] = dict(
             openai_api_key=api_key,
             openai_base_url=base_url,
             provider=provider,
             provider_reason=reason,
-            default_model=default_model,
-            allowed_models=tuple(m for m in (reader.text("ALLOWED_MODELS") or "").replace(" ", "").split(",") if m),
-            max_chars=reader.integer("MAX_CHARS", 4000, minimum=1),
-            max_output_tokens=reader.integer("MAX_OUTPUT_TOKENS", 4000, minimum=1),
-            max_retries=reader.integer("MAX_RETRIES", 3, minimum=0),
-            retry_delay_s=reader.number("RETRY_DELAY", 1.0, minimum=0.0),
-            retry_max_delay_s=reader.number("RETRY_MAX_DELAY", 8.0, minimum=0.0),
-            timeout_s=reader.number("TIMEOUT", 30.0, minimum=0.0, exclusive=True),
-            deadline_s=reader.number("DEADLINE", 25.0, minimum=0.0, exclusive=True),
-            stream_deadline_s=reader.number("STREAM_DEADLINE", 300.0, minimum=0.0, exclusive=True),
-            pricing_file=pricing_file,
-            log_level=(reader.text("LOG_LEVEL") or "INFO").upper(),
+            default_model=reader.text("DEFAULT_MODEL"),
+            allowed_models=allowed,
+            max_chars=reader.integer("MAX_CHARS", minimum=1),
+            max_output_tokens=reader.integer("MAX_OUTPUT_TOKENS", minimum=1),
+            max_retries=reader.integer("MAX_RETRIES", minimum=0),
+            retry_delay_s=reader.number("RETRY_DELAY", minimum=0.0),
+            retry_max_delay_s=reader.number("RETRY_MAX_DELAY", minimum=0.0),
+            timeout_s=reader.number("TIMEOUT", minimum=0.0, exclusive=True),
+            deadline_s=reader.number("DEADLINE", minimum=0.0, exclusive=True),
+            stream_deadline_s=reader.number("STREAM_DEADLINE", minimum=0.0, exclusive=True),
+            pricing_file=reader.text("PRICING_FILE"),
+            log_level=(reader.text("LOG_LEVEL") or "").upper() or None,
             local_model_path=reader.text("LOCAL_MODEL_PATH"),
-            local_model_name=local_name,
-            local_threads=reader.integer("LOCAL_THREADS", 0, minimum=0),
-            local_context_tokens=reader.integer("LOCAL_CONTEXT_TOKENS", 2048, minimum=256),
-            local_repeat_penalty=reader.number("LOCAL_REPEAT_PENALTY", 1.1, minimum=0.0, exclusive=True),
-            api_keys=api_keys,
-            rate_limit=rate_limit,
-            token_limit=token_limit,
-            daily_budget_usd=budget,
-            clients_file=clients_file,
-            client_limits=client_limits,
+            local_model_name=reader.text("LOCAL_MODEL_NAME"),
+            local_threads=reader.integer("LOCAL_THREADS", minimum=0),
+            local_context_tokens=reader.integer("LOCAL_CONTEXT_TOKENS", minimum=256),
+            local_repeat_penalty=reader.number("LOCAL_REPEAT_PENALTY", minimum=0.0, exclusive=True),
+            api_keys=reader.parsed("API_KEYS", parse_api_keys),
+            rate_limit=reader.text("RATE_LIMIT"),
+            token_limit=reader.integer("TOKEN_LIMIT", minimum=1),
+            daily_budget_usd=reader.parsed("DAILY_BUDGET_USD", parse_budget),
+            clients_file=reader.text("CLIENTS_FILE"),
             redis_url=reader.text("REDIS_URL"),
-            redis_tls_verify=reader.boolean("REDIS_TLS_VERIFY", True),
-            rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN", True),
-            trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", 0, minimum=0),
-            web_concurrency=reader.integer("WEB_CONCURRENCY", 2, minimum=1),
+            redis_tls_verify=reader.boolean("REDIS_TLS_VERIFY"),
+            rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN"),
+            trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", minimum=0),
+            web_concurrency=reader.integer("WEB_CONCURRENCY", minimum=1),
             metrics_token=reader.text("METRICS_TOKEN"),
         )
-        try:
-            settings = cls(price_table=price_table or load_price_table(), **values)  # type: ignore[arg-type]
-        except ConfigError as error:
-            raise ConfigError(reader.problems + error.problems) from None
-        if reader.problems:
-            raise ConfigError(reader.problems)
-        return settings
+        # An unset (or bad) value keeps the dataclass's default: the one place each default is written.
+        settings = cls(**{name: value for name, value in values.items() if value is not None})
+        return settings, reader.problems
 
     def describe(self) -> dict[str, object]:
         """Return the settings safe to log: no secret, only whether it is set."""
         return {
             "provider": self.provider,
             "provider_reason": self.provider_reason,
-            "default_model": self.default_model,
-            "allowed_models": len(self.allowed_models),
+            "default_model": self.model,
             "openai_api_key_set": bool(self.openai_api_key),
             "openai_base_url": redact_url(self.openai_base_url) if self.openai_base_url else "default",
             "max_chars": self.max_chars,
@@ -201,7 +180,7 @@ class Settings:
             "max_retries": self.max_retries,
             "timeout_s": self.timeout_s,
             "deadline_s": self.deadline_s,
-            "price_source": self.price_table.source,
+            "pricing_file": self.pricing_file,
             "auth": "api_keys" if self.api_keys else "off",
             "clients": len(self.api_keys),
             "rate_limit": self.rate_limit,
@@ -231,7 +210,10 @@ def _choose_provider(explicit: str | None, api_key: str | None, base_url: str | 
 
 
 class _EnvReader:
-    """Typed access to the environment that collects every problem instead of stopping at the first."""
+    """Typed access to the environment that collects every problem instead of stopping at the first.
+
+    Each method returns None for an unset or bad value, so the caller keeps the dataclass's default.
+    """
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
@@ -241,49 +223,54 @@ class _EnvReader:
         value = self.environ.get(name, "").strip()
         return value or None
 
-    def parsed(self, name: str, raw: str | None, parse: Callable[[str | None], T]) -> T | None:
+    def parsed(self, name: str, parse: Callable[[str], T]) -> T | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
         try:
             return parse(raw)
-        except (PricingError, ValueError) as error:
+        except ValueError as error:
             self.problems.append(f"{name}: {error}")
             return None
 
-    def boolean(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str) -> bool | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         self.problems.append(f"{name} must be true or false, got {raw!r}")
-        return default
+        return None
 
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
+    def integer(self, name: str, *, minimum: int) -> int | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         try:
             value = int(raw)
         except ValueError:
             self.problems.append(f"{name} must be a whole number, got {raw!r}")
-            return default
+            return None
         if value < minimum:
             self.problems.append(f"{name} must be at least {minimum}, got {value}")
+            return None
         return value
 
-    def number(self, name: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
+    def number(self, name: str, *, minimum: float, exclusive: bool = False) -> float | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         try:
             value = float(raw)
         except ValueError:
             self.problems.append(f"{name} must be a number, got {raw!r}")
-            return default
+            return None
         if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
             relation = "above" if exclusive else "at least"
             self.problems.append(f"{name} must be a finite number {relation} {minimum:g}, got {raw!r}")
+            return None
         return value
 
 

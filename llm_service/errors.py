@@ -1,15 +1,19 @@
-"""One exception root, one error envelope, and the handlers that produce it."""
+"""The exception tree: every error the service answers with, its status and code (no Flask here)."""
 
 from __future__ import annotations
 
-import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g, jsonify
-from werkzeug.exceptions import HTTPException
 
-log = logging.getLogger("llm_service.errors")
+@dataclass(frozen=True)
+class RateWindow:
+    """A client's standing in one limit: its size, what is left, and when (Unix time, s) it frees."""
+
+    limit: int
+    remaining: int
+    reset_at: float
 
 
 class ServiceError(Exception):
@@ -28,6 +32,7 @@ class ServiceError(Exception):
         attempts: int | None = None,
         upstream_request_id: str | None = None,
         extra_headers: dict[str, str] | None = None,
+        rate_window: RateWindow | None = None,
     ) -> None:
         super().__init__(message or self.message)
         self.message = message or self.message
@@ -36,6 +41,7 @@ class ServiceError(Exception):
         self.attempts = attempts
         self.upstream_request_id = upstream_request_id
         self.extra_headers = extra_headers or {}
+        self.rate_window = rate_window  # the request limit that refused this request, for the API's headers
 
     def headers(self) -> dict[str, str]:
         """Return the headers this error adds to its response."""
@@ -75,6 +81,10 @@ class InvalidRequest(ServiceError):
     status, code, message = 400, "invalid_request", "The request is invalid."
 
 
+class ModelNotFound(ServiceError):
+    status, code, message = 404, "model_not_found", "The model does not exist or is not allowed on this service."
+
+
 class PayloadTooLarge(ServiceError):
     status, code, message = 413, "payload_too_large", "The request body is too large."
 
@@ -105,61 +115,3 @@ class UpstreamRejected(ServiceError):
 
 class LocalModelBusy(ServiceError):
     status, code, message = 503, "local_model_busy", "The local model is busy; retry later."
-
-
-# Werkzeug's own HTTP errors, translated into codes of this API.
-_HTTP_CODES = {
-    400: "invalid_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "invalid_request",
-}
-
-
-def envelope(
-    code: str, message: str, details: dict[str, Any] | None = None, request_id: str | None = None
-) -> dict[str, Any]:
-    """Return the one error body shape, with the request id (by default, the current request's)."""
-    body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id or g.get("request_id")}
-    if details:
-        body["details"] = details
-    return {"error": body}
-
-
-def error_response(error: ServiceError) -> Response:
-    """Render a ServiceError as the envelope, with its status and headers."""
-    g.service_error = error
-    response = jsonify(envelope(error.code, error.message, error.details))
-    response.status_code = error.status
-    response.headers.update(error.headers())
-    return response
-
-
-def _handle_service_error(error: ServiceError) -> Response:
-    return error_response(error)
-
-
-def _handle_http_exception(error: HTTPException) -> Response:
-    status = error.code or 500
-    code = _HTTP_CODES.get(status, "http_error")
-    g.error_code = code
-    response = jsonify(envelope(code, error.description or "HTTP error"))
-    response.status_code = status
-    if status == 405 and error.get_headers():
-        allow = dict(error.get_headers()).get("Allow")
-        if allow:
-            response.headers["Allow"] = allow
-    return response
-
-
-def _handle_unexpected(error: Exception) -> Response:
-    log.exception("unhandled error", extra={"error_type": type(error).__name__})
-    return error_response(ServiceError())
-
-
-def register_error_handlers(app: Flask) -> None:
-    """Send every non-2xx answer through the envelope."""
-    app.register_error_handler(ServiceError, _handle_service_error)
-    app.register_error_handler(HTTPException, _handle_http_exception)
-    app.register_error_handler(Exception, _handle_unexpected)

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 TOKENS_PER_PRICE_UNIT = Decimal(1_000_000)
@@ -82,28 +81,20 @@ def _parse_price(model: str, entry: Any) -> ModelPrice:
     return ModelPrice(input_price, cached_price, output_price)
 
 
-def _parse_table(document: Any, origin: str) -> PriceTable:
+def shipped_price_table() -> PriceTable:
+    """Return the price table shipped beside this module (prices.json)."""
+    shipped_text = resources.files(__package__).joinpath("prices.json").read_text("utf-8")
+    return parse_price_table(json.loads(shipped_text), "prices.json")
+
+
+def parse_price_table(document: Any, origin: str) -> PriceTable:
+    """Parse a price document ({"models": {name: {"input", "output", "cached_input"?}}}); raise PricingError."""
     if not isinstance(document, dict) or not isinstance(document.get("models"), dict):
         raise PricingError(f"{origin}: expected an object with a 'models' object")
     prices = {model: _parse_price(model, entry) for model, entry in document["models"].items()}
     return PriceTable(prices, str(document.get("source", origin)), str(document.get("as_of", "")))
 
 
-def load_price_table(override_path: str | None = None) -> PriceTable:
-    """Load the shipped price table, then add or replace entries from `override_path`."""
-    shipped_text = resources.files(__package__).joinpath("prices.json").read_text("utf-8")
-    table = _parse_table(json.loads(shipped_text), "prices.json")
-    if not override_path:
-        return table
-    try:
-        override_doc = json.loads(Path(override_path).read_text("utf-8"))
-    except OSError as error:
-        raise PricingError(f"cannot read {override_path}: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise PricingError(f"{override_path} is not valid JSON: {error.msg}") from None
-    override = _parse_table(override_doc, override_path)
-    return PriceTable(
-        {**table.prices, **override.prices},
-        f"{table.source}; overrides from {override_path}",
-        table.as_of,
-    )
+def with_overrides(table: PriceTable, override: PriceTable, origin: str) -> PriceTable:
+    """Return `table` with the entries of `override` added or replaced."""
+    return PriceTable({**table.prices, **override.prices}, f"{table.source}; overrides from {origin}", table.as_of)

@@ -25,7 +25,7 @@ import limits.strategies
 import redis
 import redis.exceptions
 
-from .clients import Client, ClientLimits
+from .clients import Client, ClientLimits, ClientPolicy
 from .config import Settings
 from .counters import Counters, MemoryCounters, RedisCounters
 from .errors import (
@@ -33,8 +33,10 @@ from .errors import (
     InvalidRequest,
     LimiterUnavailable,
     RateLimited,
+    RateWindow,
     TokenLimitExceeded,
 )
+from .pricing import PriceTable
 from .providers.base import GenerationParams
 
 log = logging.getLogger("llm_service.quotas")
@@ -52,7 +54,8 @@ class InlineExpiryMemoryStorage(limits.storage.MemoryStorage):
     The stock class starts a new timer thread to prune whenever the last one has finished, which on a
     service taking a request every few milliseconds is a thread per request: about 0.4 ms each, most of
     this service's own latency. Pruning only frees memory; the moving window itself reads timestamps,
-    so limits are unchanged. (It overrides a private hook of limits 5.8, which requirements.txt pins.)
+    so limits are unchanged. (It overrides a private hook of limits 5.8, which requirements.txt pins, as
+    limits has no public one; tests/test_library_hooks.py fails if an upgrade makes the override silent.)
     """
 
     PRUNE_EVERY_S = 1.0
@@ -78,13 +81,11 @@ class Reservation:
     reserved_tokens: int = 0
     spend_key: str | None = None  # the day the spend was reserved on, so settling lands on the same day
     reserved_pico_usd: int = 0
-    # Set when the request ended without a usage report and was charged an estimate instead.
-    estimate: dict[str, Any] | None = None
 
 
 def estimate_input_tokens(params: GenerationParams) -> int:
-    """Over-estimate the prompt's tokens (about 3 characters a token, plus the chat template)."""
-    return math.ceil((len(params.prompt) + len(params.system or "")) / 3) + 16
+    """Over-estimate the prompt's tokens (about 3 characters a token, plus the chat template per message)."""
+    return math.ceil(params.input_chars / 3) + 16 + 4 * max(len(params.messages) - 2, 0)
 
 
 def _seconds_to_utc_midnight(now: datetime) -> float:
@@ -95,8 +96,9 @@ def _seconds_to_utc_midnight(now: datetime) -> float:
 class QuotaGuard:
     """Admit or refuse a client's request, and account for what it used."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, clients: ClientPolicy, prices: PriceTable) -> None:
+        self.clients = clients
+        self.prices = prices  # the most a request can cost is reserved against its client's budget
         self.fail_open = settings.rate_limit_fail_open
         self.counters: Counters
         storage: limits.storage.Storage
@@ -133,46 +135,56 @@ class QuotaGuard:
         if not self.fail_open:
             raise LimiterUnavailable(retry_after_s=1.0) from None
 
-    def hit(self, client: Client) -> dict[str, str]:
-        """Count one request against the client's request limits; return the X-RateLimit headers."""
-        items = self.items(self.settings.limits_for(client.name).rate_limit)
+    def hit(self, client: Client) -> RateWindow | None:
+        """Count one request against the client's request limits; return the limit closest to running out."""
+        items = self.items(self.clients.limits_for(client.name).rate_limit)
         try:
             for item in items:
                 if not self.limiter.hit(item, "generate", client.limit_key):
-                    headers, reset_at = self._headers(item, client)  # reset: when the oldest hit leaves
-                    raise RateLimited(retry_after_s=max(reset_at - time.time(), 1.0), extra_headers=headers)
-            return self._closest_headers(client, items)
+                    window = self._window(item, client)  # reset: when the oldest hit leaves
+                    raise RateLimited(retry_after_s=max(window.reset_at - time.time(), 1.0), rate_window=window)
+            return self._closest_window(client, items)
         except STORAGE_ERRORS as error:
             self._unavailable(error)
-            return {}
+            return None
 
-    def _closest_headers(self, client: Client, items: list[limits.RateLimitItem]) -> dict[str, str]:
-        """Return the X-RateLimit headers of the limit closest to running out."""
-        return min((self._headers(item, client)[0] for item in items), key=lambda h: int(h["X-RateLimit-Remaining"]))
+    def _closest_window(self, client: Client, items: list[limits.RateLimitItem]) -> RateWindow:
+        """Return the client's standing in the request limit closest to running out."""
+        return min((self._window(item, client) for item in items), key=lambda window: window.remaining)
 
-    def _headers(self, item: limits.RateLimitItem, client: Client) -> tuple[dict[str, str], float]:
-        """Return the X-RateLimit headers of one limit, and the exact time its window frees."""
+    def _window(self, item: limits.RateLimitItem, client: Client) -> RateWindow:
+        """Return the client's standing in one request limit, with the exact time its window frees."""
         stats = self.limiter.get_window_stats(item, "generate", client.limit_key)
-        headers = {
-            "X-RateLimit-Limit": str(item.amount),
-            "X-RateLimit-Remaining": str(stats.remaining),
-            "X-RateLimit-Reset": str(math.ceil(stats.reset_time)),
-        }
-        return headers, stats.reset_time
+        return RateWindow(limit=item.amount, remaining=stats.remaining, reset_at=stats.reset_time)
 
-    def admit(self, client: Client, params: GenerationParams) -> tuple[Reservation, dict[str, str]]:
+    def token_window(self, client: Client) -> RateWindow | None:
+        """Return the client's standing in its token limit this minute; None when no token limit applies."""
+        token_limit = self.clients.limits_for(client.name).token_limit
+        if token_limit is None:
+            return None
+        now = time.time()
+        window = int(now // TOKEN_WINDOW_S)
+        try:
+            used = max(self.counters.get(f"llm:tokens:{client.limit_key}:{window}"), 0)
+        except STORAGE_ERRORS:
+            return None
+        return RateWindow(
+            limit=token_limit, remaining=max(token_limit - used, 0), reset_at=(window + 1) * TOKEN_WINDOW_S
+        )
+
+    def admit(self, client: Client, params: GenerationParams) -> tuple[Reservation, RateWindow | None]:
         """Reserve the request's budget and tokens, then count it against the request limit.
 
         In this order a request refused for its budget or tokens uses up no request slot (a moving
         window cannot give a hit back); one refused by the request limit gives its reservation back.
-        Return the reservation and the X-RateLimit headers.
+        Return the reservation and the client's standing in its request limit.
         """
         try:
             reservation = self.reserve(client, params)
         except (BudgetExceeded, TokenLimitExceeded) as refusal:
             try:  # the refusal still tells where the request limit stands, as every 429 here does
-                items = self.items(self.settings.limits_for(client.name).rate_limit)
-                refusal.extra_headers.update(self._closest_headers(client, items))
+                items = self.items(self.clients.limits_for(client.name).rate_limit)
+                refusal.rate_window = self._closest_window(client, items)
             except STORAGE_ERRORS:
                 pass
             raise
@@ -184,7 +196,7 @@ class QuotaGuard:
 
     def reserve(self, client: Client, params: GenerationParams) -> Reservation:
         """Reserve the most the request can cost against the budget, and its tokens against the token limit."""
-        client_limits = self.settings.limits_for(client.name)
+        client_limits = self.clients.limits_for(client.name)
         reservation = Reservation(client, client_limits)
         try:
             if client_limits.daily_budget_usd is not None:
@@ -204,7 +216,7 @@ class QuotaGuard:
 
         None for a model the price table does not list: its cost is unknown, and never charged.
         """
-        table = self.settings.price_table
+        table = self.prices
         return table.cost_usd(
             table.price_for(params.model),
             input_tokens=estimate_input_tokens(params),
@@ -287,7 +299,7 @@ class QuotaGuard:
             raise LimiterUnavailable(retry_after_s=1.0) from None
 
     def _usage(self, client: Client) -> dict[str, Any]:
-        client_limits = self.settings.limits_for(client.name)
+        client_limits = self.clients.limits_for(client.name)
         now = datetime.now(UTC)
         requests = []
         for item in self.items(client_limits.rate_limit):

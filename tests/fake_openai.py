@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 class Reply:
     """What the fake answers to one request."""
 
-    kind: str = "ok"  # ok | status | reset | bad_json | drip | stream
+    kind: str = "ok"  # ok | status | reset | bad_json | drip | stream | auto
     text: str = "Hello from the fake upstream."
     status: int = 200
     body: Any = None
@@ -53,6 +54,11 @@ def bad_json() -> Reply:
 def drip(interval_s: float) -> Reply:
     """Send headers, then the body a byte at a time, forever slower than any deadline."""
     return Reply("drip", drip_interval_s=interval_s)
+
+
+def auto(text: str = "Hello from the fake upstream.") -> Reply:
+    """Answer as a real upstream would: a stream when the request asks for one, else one JSON body."""
+    return Reply("auto", text=text)
 
 
 def stream(chunks: list[str], interval_s: float = 0.0, fail_after: int | None = None, **kwargs: Any) -> Reply:
@@ -144,6 +150,13 @@ class FakeOpenAI:
 
             def _reply_ok(self, reply: Reply, seen: Seen) -> None:
                 self._send_json(200, json.dumps(completion(reply, seen.body)).encode(), reply.headers)
+
+            def _reply_auto(self, reply: Reply, seen: Seen) -> None:
+                if seen.body.get("stream"):
+                    words = re.findall(r"\S+\s*", reply.text)  # the text again, a word a chunk
+                    self._reply_stream(Reply("stream", chunks=words), seen)
+                else:
+                    self._reply_ok(reply, seen)
 
             def _reply_status(self, reply: Reply, seen: Seen) -> None:
                 self._send_json(reply.status, json.dumps(reply.body).encode(), reply.headers)

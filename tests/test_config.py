@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from llm_service.config import ConfigError, Settings
+from llm_service.startup import load_env
 
 
 def test_defaults_with_a_key() -> None:
-    settings = Settings.from_env({"OPENAI_API_KEY": "sk-abc"})
+    settings, catalog = load_env({"OPENAI_API_KEY": "sk-abc"})
     assert settings.provider == "openai"
     assert settings.default_model == "gpt-4o-mini"
-    assert "gpt-4o-mini" in settings.allowed_models
+    assert "gpt-4o-mini" in catalog.allowed_models
     assert (settings.max_chars, settings.max_output_tokens, settings.max_retries) == (4000, 4000, 3)
     assert (settings.retry_delay_s, settings.timeout_s) == (1.0, 30.0)
     assert settings.deadline_s < 30  # inside Heroku's router limit
@@ -45,7 +46,7 @@ def test_values_are_parsed() -> None:
 
 def test_every_bad_value_is_named_in_one_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
-        Settings.from_env(
+        load_env(
             {
                 "OPENAI_API_KEY": "sk-abc",
                 "MAX_CHARS": "lots",

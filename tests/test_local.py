@@ -24,10 +24,10 @@ pytestmark = pytest.mark.local_model
 
 QUESTION = "What is the capital of France?"
 MODEL = "smollm2-135m-instruct"
-LONG = GenerationParams(
+LONG = GenerationParams.from_prompt(
     prompt="Write a long essay on the history of Rome.", model=MODEL, max_tokens=1500, temperature=0
 )
-SHORT = GenerationParams(prompt="Hi", model=MODEL, max_tokens=4)
+SHORT = GenerationParams.from_prompt("Hi", model=MODEL, max_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,9 @@ def test_system_message_changes_the_prompt(local_client: FlaskClient) -> None:
 
 
 def test_generation_is_cut_at_the_deadline(provider: LocalProvider) -> None:
-    params = GenerationParams(prompt="Count from one to one thousand.", model="smollm2-135m-instruct", max_tokens=1500)
+    params = GenerationParams.from_prompt(
+        "Count from one to one thousand.", model="smollm2-135m-instruct", max_tokens=1500
+    )
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout):
         provider.complete(params, time.monotonic() + 0.5)
@@ -118,7 +120,7 @@ def test_waiting_for_a_busy_model_is_bounded_by_the_deadline(provider: LocalProv
 
 
 def test_prompt_beyond_the_context_window_is_rejected(provider: LocalProvider) -> None:
-    params = GenerationParams(prompt="word " * 3000, model="smollm2-135m-instruct", max_tokens=100)
+    params = GenerationParams.from_prompt("word " * 3000, model="smollm2-135m-instruct", max_tokens=100)
     with pytest.raises(UpstreamRejected):
         provider.complete(params, time.monotonic() + 10)
 
@@ -173,3 +175,44 @@ def test_abandoned_stream_frees_the_model_at_once(provider: LocalProvider) -> No
     started = time.monotonic()
     provider.complete(SHORT, time.monotonic() + 1.0)  # would be LocalModelBusy if the model ran on
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.e2e
+def test_openai_sdk_gets_the_same_answer_plain_and_streamed_from_the_local_model(local_service: Service) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{local_service.port}/v1", api_key="unused", max_retries=0)
+    request = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "seed": 3,
+        "max_tokens": 40,
+    }
+    plain = client.chat.completions.create(**request)
+    assert plain.model == MODEL and plain.choices[0].message.content
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].usage == plain.usage and plain.usage is not None and plain.usage.completion_tokens > 0
+    assert [model.id for model in client.models.list()] == [MODEL]
+
+
+@pytest.mark.e2e
+def test_local_model_honours_stop_and_json_response_format(local_service: Service) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{local_service.port}/v1", api_key="unused", max_retries=0)
+    counting = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    free = client.chat.completions.create(model=MODEL, messages=counting, temperature=0, max_tokens=40)
+    assert "5" in (free.choices[0].message.content or "")
+    stopped = client.chat.completions.create(model=MODEL, messages=counting, temperature=0, max_tokens=40, stop=["5"])
+    assert "5" not in (stopped.choices[0].message.content or "")
+    as_json = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give a JSON object with a field name set to Paris."}],
+        temperature=0,
+        max_tokens=60,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(as_json.choices[0].message.content or ""), dict)

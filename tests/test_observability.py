@@ -185,8 +185,8 @@ def test_dead_workers_leave_no_in_flight_behind(upstream: FakeOpenAI, tmp_path: 
 def test_in_flight_gauge_drops_even_when_recording_a_request_fails(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llm_service import hooks
     from llm_service.metrics import IN_FLIGHT
+    from llm_service.web import record as hooks  # the request record moved to web/record.py
 
     def refuse(*args: object) -> None:
         raise ValueError("Counters can only be incremented by non-negative amounts.")

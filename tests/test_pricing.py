@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_service.pricing import PricingError, load_price_table
+from llm_service.pricing import PricingError
+from llm_service.startup import load_price_table
 
 
 def test_shipped_table_has_source_date_and_gpt_4o_mini() -> None:

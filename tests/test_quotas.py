@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from llm_service import create_app
 from llm_service.clients import parse_api_keys
 from llm_service.config import ConfigError, Settings
+from llm_service.startup import load_env
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
 
@@ -304,7 +305,7 @@ def test_clients_file_naming_an_unknown_client_stops_start_up(tmp_path: Path) ->
     path = tmp_path / "clients.json"
     path.write_text(json.dumps({"mallory": {"rate_limit": "3/minute"}}))
     with pytest.raises(ConfigError, match="mallory"):
-        Settings.from_env({"OPENAI_API_KEY": "sk-x", "API_KEYS": KEYS, "CLIENTS_FILE": str(path)})
+        load_env({"OPENAI_API_KEY": "sk-x", "API_KEYS": KEYS, "CLIENTS_FILE": str(path)})
 
 
 def test_usage_reports_the_clients_own_counters(keyed: Callable[..., FlaskClient]) -> None:
@@ -347,7 +348,7 @@ def test_streams_are_limited_the_same_way(keyed: Callable[..., FlaskClient], ups
 )
 def test_bad_limit_settings_stop_start_up(environ: dict[str, str], name: str) -> None:
     with pytest.raises(ConfigError, match=name):
-        Settings.from_env({"OPENAI_API_KEY": "sk-x", **environ})
+        load_env({"OPENAI_API_KEY": "sk-x", **environ})
 
 
 def test_abandoned_stream_is_charged_an_estimate(

@@ -5,24 +5,49 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message: role is system, user or assistant."""
+
+    role: str
+    content: str
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """One validated generation request."""
+    """One validated generation request, whichever API it came through.
 
-    prompt: str
+    None means "not given": the backend's own default applies (temperature, top_p) or nothing is sent.
+    """
+
+    messages: tuple[Message, ...]
     model: str
-    system: str | None = None
-    temperature: float = 0.7
+    temperature: float | None = 0.7
     max_tokens: int = 1000
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    # OpenAI's response_format object, e.g. {"type": "json_object"}, passed to the backend as given.
+    response_format: dict[str, Any] | None = None
 
-    def messages(self) -> list[dict[str, str]]:
-        """Return the chat messages: the system message, if any, then the prompt."""
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages.append({"role": "user", "content": self.prompt})
-        return messages
+    @classmethod
+    def from_prompt(cls, prompt: str, model: str, system: str | None = None, **options: Any) -> GenerationParams:
+        """Return params for one prompt, after an optional system message."""
+        messages = [Message("system", system)] if system else []
+        messages.append(Message("user", prompt))
+        return cls(messages=tuple(messages), model=model, **options)
+
+    @property
+    def input_chars(self) -> int:
+        """Return the characters of every message together."""
+        return sum(len(message.content) for message in self.messages)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Return the messages as the chat-completions wire format wants them."""
+        return [{"role": message.role, "content": message.content} for message in self.messages]
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,11 @@ class _DeadlineBackend(NetworkBackend):
 
 
 class DeadlineTransport(httpx2.HTTPTransport):
-    """httpx's own transport, on a connection pool whose sockets obey the deadline."""
+    """httpx's own transport, on a connection pool whose sockets obey the deadline.
+
+    HTTPTransport takes no network backend, so its private `_pool` is replaced (httpx2 2.16);
+    tests/test_library_hooks.py fails if an upgrade stops the transport from using it.
+    """
 
     def __init__(self, *, max_connections: int = 1000, max_keepalive_connections: int = 100) -> None:
         super().__init__()

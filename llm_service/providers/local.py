@@ -142,15 +142,24 @@ class LocalProvider:
     def _chat_args(self, params: GenerationParams, watchdog: _Watchdog, stream: bool) -> dict[str, Any]:
         from llama_cpp import LogitsProcessorList
 
-        return {
-            "messages": params.messages(),
-            "temperature": params.temperature,
+        args: dict[str, Any] = {
+            "messages": params.chat_messages(),
             "max_tokens": params.max_tokens,
             "repeat_penalty": self._settings.local_repeat_penalty,
-            "seed": SEED,
+            "seed": SEED if params.seed is None else params.seed,
             "logits_processor": LogitsProcessorList([watchdog]),
             "stream": stream,
         }
+        if params.temperature is not None:
+            args["temperature"] = params.temperature
+        if params.top_p is not None:
+            args["top_p"] = params.top_p
+        if params.stop:
+            args["stop"] = list(params.stop)
+        response_format = _response_format(params.response_format)
+        if response_format is not None:
+            args["response_format"] = response_format
+        return args
 
     @staticmethod
     def _started_in_time(future: Future[Any], deadline_monotonic: float, poll: Any) -> Any:
@@ -231,6 +240,16 @@ class LocalProvider:
 
 
 _END = object()
+
+
+def _response_format(requested: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Translate OpenAI's response_format to llama.cpp's: JSON output, constrained to a schema when given."""
+    if requested is None or requested.get("type") == "text":
+        return None
+    if requested.get("type") == "json_schema":
+        schema = (requested.get("json_schema") or {}).get("schema")
+        return {"type": "json_object", "schema": schema} if schema else {"type": "json_object"}
+    return {"type": "json_object"}
 
 
 def _rejected(error: ValueError) -> UpstreamRejected:

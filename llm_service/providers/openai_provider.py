@@ -65,13 +65,21 @@ class OpenAIProvider:
         _ = self.client().chat.completions
 
     def _request_args(self, params: GenerationParams, attempt_deadline: float) -> dict[str, Any]:
-        return {
+        args: dict[str, Any] = {
             "model": params.model,
-            "messages": params.messages(),
-            "temperature": params.temperature,
+            "messages": params.chat_messages(),
             self._max_tokens_param: params.max_tokens,
             "timeout": max(attempt_deadline - time.monotonic(), 0.001),
         }
+        optional = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stop": list(params.stop) or None,
+            "seed": params.seed,
+            "response_format": params.response_format,
+        }
+        args.update((name, value) for name, value in optional.items() if value is not None)
+        return args
 
     def _attempt_deadline(self, deadline_monotonic: float) -> float:
         return min(deadline_monotonic, time.monotonic() + self._settings.timeout_s)

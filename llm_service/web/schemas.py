@@ -1,11 +1,11 @@
-"""Marshmallow schemas for what /generate accepts."""
+"""Marshmallow schemas of the native API (/generate, /usage, ...) and the fields both APIs share."""
 
 from __future__ import annotations
 
 import numbers
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
 
 
 class StrictFloat(fields.Float):
@@ -38,7 +38,7 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
-def _require_utf8(value: str) -> None:
+def require_utf8(value: str) -> None:
     """Refuse text that cannot be sent on: JSON's \\udXXX escapes can decode to unpaired surrogates."""
     try:
         value.encode("utf-8")
@@ -69,12 +69,12 @@ class GenerateRequestSchema(Schema):
     def _prompt_not_blank(self, value: str, **_: Any) -> None:
         if not value.strip():
             raise ValidationError("Must not be blank.")
-        _require_utf8(value)
+        require_utf8(value)
 
     @validates("system")
     def _system_is_text(self, value: str | None, **_: Any) -> None:
         if value is not None:
-            _require_utf8(value)
+            require_utf8(value)
 
     @validates("model")
     def _model_allowed(self, value: str | None, **_: Any) -> None:
@@ -96,3 +96,79 @@ class GenerateRequestSchema(Schema):
                 f"Prompt and system together have {length} characters; the limit is {self.max_chars}.",
                 field_name=field,
             )
+
+
+# --- responses: dumped by nobody, they document the answers in /openapi.json ---
+
+
+class TokensSchema(Schema):
+    input = fields.Integer(required=True)
+    output = fields.Integer(required=True)
+    total = fields.Integer(required=True)
+    cached_input = fields.Integer()
+
+
+class MetadataSchema(Schema):
+    model = fields.String(required=True)
+    provider = fields.String(required=True)
+    finish_reason = fields.String(required=True, allow_none=True)
+    attempts = fields.Integer(required=True)
+    tokens = fields.Nested(TokensSchema, required=True, allow_none=True)
+    cost_usd = fields.Float(required=True, allow_none=True)
+    latency_ms = fields.Float(required=True)
+
+
+class GenerateResponseSchema(Schema):
+    request_id = fields.String(required=True)
+    output = fields.String(required=True)
+    metadata = fields.Nested(MetadataSchema, required=True)
+
+
+class ErrorBodySchema(Schema):
+    code = fields.String(required=True, metadata={"description": "snake_case code, stable across releases"})
+    message = fields.String(required=True)
+    request_id = fields.String(required=True, allow_none=True)
+    details = fields.Dict(metadata={"description": "per-field messages of a validation error"})
+
+
+class ErrorEnvelopeSchema(Schema):
+    error = fields.Nested(ErrorBodySchema, required=True)
+
+
+class RequestWindowSchema(Schema):
+    limit = fields.String(required=True)
+    used = fields.Integer(required=True)
+    remaining = fields.Integer(required=True)
+    reset_at = fields.Integer(required=True, metadata={"description": "Unix time, seconds"})
+
+
+class TokenWindowSchema(Schema):
+    limit_per_minute = fields.Integer(required=True, allow_none=True)
+    used = fields.Integer(required=True)
+    remaining = fields.Integer(required=True, allow_none=True)
+    reset_in_s = fields.Float(required=True)
+
+
+class UsageSchema(Schema):
+    client = fields.String(required=True)
+    requests = fields.List(fields.Nested(RequestWindowSchema), required=True)
+    tokens = fields.Nested(TokenWindowSchema, required=True)
+    spend_usd_today = fields.Float(required=True)
+    daily_budget_usd = fields.Float(required=True, allow_none=True)
+    budget_left_usd = fields.Float(required=True, allow_none=True)
+
+
+class HealthSchema(Schema):
+    class Meta:
+        unknown = INCLUDE  # liveness may say more than its status
+
+    status = fields.String(required=True)
+    service = fields.String()
+    timestamp = fields.Integer(metadata={"description": "Unix time, seconds"})
+    provider = fields.String()
+    default_model = fields.String()
+
+
+class ReadySchema(Schema):
+    status = fields.String(required=True)
+    provider = fields.String(required=True)

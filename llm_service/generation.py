@@ -1,26 +1,21 @@
-"""The generation use-case: pick the model, call the backend, price the answer."""
+"""The generation use-case: one call owns a request's reservation, the backend call, its price and settling."""
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from .clients import Authenticator
-from .config import Settings
-from .errors import ServiceError
+from .clients import Client
+from .errors import RateWindow, ServiceError
 from .pricing import PriceTable
-from .providers import build_provider
 from .providers.base import Completion, GenerationParams, Provider, TextDelta, TokenUsage
 from .quotas import QuotaGuard, Reservation, estimate_input_tokens
 
-
-def prompt_hash(prompt: str) -> str:
-    """Return the first 16 hex digits of the prompt's SHA-256: joinable in logs, not reversible to text."""
-    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+# Hears where the client stands in its request limit once a request is admitted (for rate-limit headers).
+OnAdmit = Callable[[RateWindow | None], None] | None
 
 
 @dataclass(frozen=True)
@@ -33,7 +28,7 @@ class Generation:
     latency_ms: float
 
     def metadata(self) -> dict[str, Any]:
-        """Return the response's metadata object."""
+        """Return the native API's metadata object."""
         usage = self.completion.usage
         tokens = None if usage is None else {"input": usage.input, "output": usage.output, "total": usage.total}
         if usage is not None and usage.cached_input:
@@ -66,32 +61,52 @@ class Generation:
         }
 
 
+class GenerationStream:
+    """Text deltas, then the priced Generation; closing it stops the backend and settles the reservation."""
+
+    def __init__(self, run: Callable[[GenerationStream], Iterator[TextDelta | Generation]]) -> None:
+        self.generation: Generation | None = None
+        # Set when the stream ended without a usage report and was charged an estimate instead.
+        self.estimate: dict[str, Any] | None = None
+        self._items = run(self)  # a generator: nothing runs before the first item is asked for
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> TextDelta | Generation:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop the backend now (the upstream read or the local model) and settle what was used."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+    def log_fields(self) -> dict[str, Any]:
+        """Return the summary-log fields of the stream so far: the generation's, or the estimate charged."""
+        if self.generation is not None:
+            return self.generation.log_fields()
+        return dict(self.estimate or {})
+
+
 class GenerationService:
-    """Turns validated requests into priced generations through one provider."""
+    """Turns validated requests into priced generations through one provider, within the client's quotas."""
 
-    def __init__(self, settings: Settings, provider: Provider | None = None) -> None:
-        self.settings = settings
-        self.provider: Provider = provider or build_provider(settings)
-        self.prices: PriceTable = settings.price_table
-        self.auth = Authenticator(settings.api_keys)
-        self.quotas = QuotaGuard(settings)
-
-    def params(self, body: dict[str, Any]) -> GenerationParams:
-        """Return GenerationParams from a validated body, with the default model filled in."""
-        return GenerationParams(
-            prompt=body["prompt"],
-            system=body.get("system"),
-            model=body.get("model") or self.settings.default_model,
-            temperature=body["temperature"],
-            max_tokens=body["max_tokens"],
-        )
+    def __init__(self, provider: Provider, prices: PriceTable, quotas: QuotaGuard, *, deadline_s: float) -> None:
+        self.provider = provider
+        self.prices = prices
+        self.quotas = quotas
+        self.deadline_s = deadline_s
 
     def deadline(self, started_monotonic: float) -> float:
         """Return the monotonic time by which the whole request must be answered."""
-        return started_monotonic + self.settings.deadline_s
+        return started_monotonic + self.deadline_s
 
-    def generate(self, params: GenerationParams, reservation: Reservation, started_monotonic: float) -> Generation:
-        """Generate an answer before the request's deadline, price it, and account for it."""
+    def generate(
+        self, client: Client, params: GenerationParams, started_monotonic: float, on_admit: OnAdmit = None
+    ) -> Generation:
+        """Admit the request within the client's quotas, generate before the deadline, price it, settle."""
+        reservation = self._admit(client, params, on_admit)
         try:
             completion = self.provider.complete(params, self.deadline(started_monotonic))
         except ServiceError:
@@ -100,12 +115,29 @@ class GenerationService:
         return self._settled(completion, params, reservation, started_monotonic)
 
     def stream(
-        self, params: GenerationParams, reservation: Reservation, started_monotonic: float
+        self, client: Client, params: GenerationParams, started_monotonic: float, on_admit: OnAdmit = None
+    ) -> GenerationStream:
+        """Return a stream that is admitted on its first item, yields deltas, then the priced Generation."""
+        return GenerationStream(lambda out: self._stream(out, client, params, started_monotonic, on_admit))
+
+    def _admit(self, client: Client, params: GenerationParams, on_admit: OnAdmit) -> Reservation:
+        """Reserve the client's budget and tokens and count the request; tell `on_admit` the request limit."""
+        reservation, request_window = self.quotas.admit(client, params)
+        if on_admit is not None:
+            on_admit(request_window)
+        return reservation
+
+    def _stream(
+        self,
+        out: GenerationStream,
+        client: Client,
+        params: GenerationParams,
+        started_monotonic: float,
+        on_admit: OnAdmit,
     ) -> Iterator[TextDelta | Generation]:
-        """Yield text deltas, then the priced Generation; closing it stops the backend at once."""
+        reservation = self._admit(client, params, on_admit)
         items = None
         deltas = 0
-        finished = False
         try:
             items = self.provider.stream(params, self.deadline(started_monotonic))
             for item in items:
@@ -113,8 +145,8 @@ class GenerationService:
                     deltas += 1
                     yield item
                 else:
-                    finished = True
-                    yield self._settled(item, params, reservation, started_monotonic)
+                    out.generation = self._settled(item, params, reservation, started_monotonic)
+                    yield out.generation
         except ServiceError:
             if not deltas:  # nothing was generated: give the reservation back
                 self.quotas.release(reservation)
@@ -122,10 +154,10 @@ class GenerationService:
         finally:
             if items is not None and hasattr(items, "close"):
                 items.close()
-            if deltas and not finished:
-                self._charge_estimate(params, reservation, deltas)
+            if deltas and out.generation is None:
+                out.estimate = self._charge_estimate(params, reservation, deltas)
 
-    def _charge_estimate(self, params: GenerationParams, reservation: Reservation, deltas: int) -> None:
+    def _charge_estimate(self, params: GenerationParams, reservation: Reservation, deltas: int) -> dict[str, Any]:
         """Charge a stream that ended without a usage report (client gone, upstream failed mid-way).
 
         The upstream still bills what it generated; without this, abandoning streams would dodge
@@ -134,7 +166,7 @@ class GenerationService:
         input_tokens = estimate_input_tokens(params)
         cost_usd = self._cost_usd(TokenUsage(input=input_tokens, output=deltas), params.model)
         self.quotas.settle(reservation, input_tokens + deltas, cost_usd)
-        reservation.estimate = {
+        return {
             "tokens_estimated": input_tokens + deltas,
             "cost_usd_estimated": None if cost_usd is None else float(cost_usd),
         }
@@ -142,16 +174,10 @@ class GenerationService:
     def _settled(
         self, completion: Completion, params: GenerationParams, reservation: Reservation, started_monotonic: float
     ) -> Generation:
-        generation = self.priced(completion, params, started_monotonic)
-        usage = completion.usage
-        self.quotas.settle(reservation, None if usage is None else usage.total, generation.cost_usd)
-        return generation
-
-    def priced(self, completion: Completion, params: GenerationParams, started_monotonic: float) -> Generation:
-        """Attach cost and latency to a finished completion."""
         usage = completion.usage
         cost_usd = None if usage is None else self._cost_usd(usage, completion.model, params.model)
         latency_ms = round((time.monotonic() - started_monotonic) * 1000, 1)
+        self.quotas.settle(reservation, None if usage is None else usage.total, cost_usd)
         return Generation(completion, self.provider.name, cost_usd, latency_ms)
 
     def _cost_usd(self, usage: TokenUsage, *models: str) -> Decimal | None:

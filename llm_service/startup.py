@@ -1,0 +1,112 @@
+"""Start-up: read the files the settings name, and fail with one message naming every bad setting."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .clients import Authenticator, ClientLimits, ClientPolicy, parse_client_overrides
+from .config import ConfigError, Settings, check_rate_limit
+from .generation import GenerationService
+from .pricing import PriceTable, PricingError, parse_price_table, shipped_price_table, with_overrides
+from .providers import build_provider
+from .providers.base import Provider
+from .quotas import QuotaGuard
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the settings and their files decide together: prices, the models clients may ask for, limits."""
+
+    prices: PriceTable
+    allowed_models: tuple[str, ...]
+    default_model: str
+    clients: ClientPolicy
+
+
+def read_json(path: str) -> Any:
+    """Return the JSON document in the file at `path`; raise ValueError saying what is wrong."""
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error.msg}") from None
+
+
+def load_price_table(override_path: str | None = None) -> PriceTable:
+    """Return the shipped price table with the entries of `override_path` added or replaced."""
+    table = shipped_price_table()
+    if not override_path:
+        return table
+    try:
+        document = read_json(override_path)
+    except ValueError as error:
+        raise PricingError(str(error)) from None
+    return with_overrides(table, parse_price_table(document, override_path), override_path)
+
+
+def load_catalog(settings: Settings, problems: list[str] | None = None) -> Catalog:
+    """Read PRICING_FILE and CLIENTS_FILE and check the models; raise one ConfigError with `problems` too."""
+    problems = list(problems or [])
+    try:
+        prices = load_price_table(settings.pricing_file)
+    except PricingError as error:
+        problems.append(f"PRICING_FILE: {error}")
+        prices = shipped_price_table()
+    allowed_models = settings.allowed_models or prices.models
+    if settings.model not in allowed_models and not settings.allowed_models:
+        problems.append(f"DEFAULT_MODEL {settings.model!r} is not in ALLOWED_MODELS (every priced model)")
+    defaults = ClientLimits(settings.rate_limit, settings.token_limit, settings.daily_budget_usd)
+    overrides: dict[str, ClientLimits] = {}
+    if settings.clients_file:
+        try:
+            names = {key.name for key in settings.api_keys}
+            document = read_json(settings.clients_file)
+            overrides = parse_client_overrides(document, settings.clients_file, defaults, names, check_rate_limit)
+        except ValueError as error:
+            problems.append(f"CLIENTS_FILE: {error}")
+    if problems:
+        raise ConfigError(problems)
+    return Catalog(prices, allowed_models, settings.model, ClientPolicy(defaults, overrides))
+
+
+def load(settings: Settings) -> Catalog:
+    """Check settings built in code (tests, tools) and read their files; raise one ConfigError."""
+    return load_catalog(settings, settings.problems())
+
+
+def load_env(environ: Mapping[str, str]) -> tuple[Settings, Catalog]:
+    """Read the settings from `environ` and their files; raise one ConfigError naming every bad setting."""
+    settings, problems = Settings.read_env(environ)
+    return settings, load_catalog(settings, problems + settings.problems())
+
+
+@dataclass
+class Services:
+    """The objects a running app serves with, built once per app."""
+
+    settings: Settings
+    catalog: Catalog
+    auth: Authenticator
+    quotas: QuotaGuard
+    generation: GenerationService
+    # Set by gunicorn's SIGTERM (see gunicorn.conf.py): /ready then answers 503 while requests finish.
+    draining: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def provider(self) -> Provider:
+        return self.generation.provider
+
+
+def build_services(settings: Settings, catalog: Catalog) -> Services:
+    """Build the backend, the limits and the generation use-case, and warm the backend up."""
+    provider = build_provider(settings)
+    provider.warm_up()
+    quotas = QuotaGuard(settings, catalog.clients, catalog.prices)
+    generation = GenerationService(provider, catalog.prices, quotas, deadline_s=settings.deadline_s)
+    return Services(settings, catalog, Authenticator(settings.api_keys), quotas, generation)

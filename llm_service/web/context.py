@@ -1,0 +1,71 @@
+"""What every view needs from the current request: the app's services, the caller, the validated body."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import current_app, request
+from marshmallow import Schema, ValidationError
+
+from ..clients import Client
+from ..errors import InvalidRequest, Unauthorized
+from ..startup import Services
+from .openai_schemas import ChatCompletionRequestSchema
+from .record import current_record
+from .schemas import GenerateRequestSchema
+
+
+def services() -> Services:
+    """Return this app's services."""
+    return current_app.extensions["llm_service"]  # type: ignore[no-any-return]
+
+
+def bearer_token() -> str | None:
+    """Return the token of an `Authorization: Bearer` header, if there is one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def current_client() -> Client:
+    """Return who is calling: the named owner of a valid key, or anonymous by IP when auth is off."""
+    auth = services().auth
+    if not auth.enabled:
+        client = Client(None, request.remote_addr)
+    else:
+        name = auth.identify(bearer_token() or request.headers.get("X-API-Key"))
+        if name is None:
+            raise Unauthorized()
+        client = Client(name, request.remote_addr)
+    current_record().fields["client"] = client.label
+    return client
+
+
+def load_body(schema: Schema) -> dict[str, Any]:
+    """Parse and validate the JSON body, or raise InvalidRequest with per-field details."""
+    if not request.is_json:
+        raise InvalidRequest("Content-Type must be application/json.")
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nested past the parser's depth: not a ValueError, so `silent` lets it through
+        raise InvalidRequest("The body is nested too deeply.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    try:
+        return schema.load(body)  # type: ignore[no-any-return]
+    except ValidationError as error:
+        details: dict[str, Any] = error.normalized_messages()  # type: ignore[no-untyped-call]
+        raise InvalidRequest("The request has invalid fields.", details=details) from None
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """The request schemas of this app, bound to its limits and models."""
+
+    generate: GenerateRequestSchema
+    chat: ChatCompletionRequestSchema
+
+
+def schemas() -> Schemas:
+    """Return this app's request schemas."""
+    return current_app.extensions["llm_service.schemas"]  # type: ignore[no-any-return]

@@ -1,0 +1,160 @@
+"""The OpenAI-compatible API: /v1/chat/completions and /v1/models, translated to the one generation call."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from ..errors import ModelNotFound, ServiceError
+from ..generation import Generation
+from ..providers.base import GenerationParams, Message
+from .context import current_client, load_body, schemas, services
+from .errors import openai_envelope
+from .openai_schemas import DEFAULT_MAX_TOKENS
+from .record import current_record
+from .sse import sse, stream_response
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+# /v1/models says when each model was "created"; this service lists them from the moment it started.
+STARTED_AT = int(time.time())
+
+
+def messages_hash(messages: tuple[Message, ...]) -> str:
+    """Return the first 16 hex digits of the SHA-256 of the messages (roles and texts), never the text."""
+    canonical = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def model_object(model: str) -> dict[str, Any]:
+    """Return OpenAI's model object for one served model."""
+    return {"id": model, "object": "model", "created": STARTED_AT, "owned_by": services().provider.name}
+
+
+@bp.get("/models")
+def models() -> Response:
+    """List the models clients may ask for, in OpenAI's list shape."""
+    current_client()
+    return jsonify(object="list", data=[model_object(model) for model in services().catalog.allowed_models])
+
+
+@bp.get("/models/<path:model>")
+def retrieve_model(model: str) -> Response:
+    """Describe one model clients may ask for; 404 model_not_found for any other."""
+    current_client()
+    if model not in services().catalog.allowed_models:
+        raise ModelNotFound(details={"model": [f"The model {model!r} is not served here; see GET /v1/models."]})
+    return jsonify(model_object(model))
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    """Answer one chat completion, plain or streamed, in OpenAI's shapes."""
+    svc = services()
+    record = current_record()
+    client = current_client()
+    body = load_body(schemas().chat)
+    if body["model"] not in svc.catalog.allowed_models:
+        raise ModelNotFound(details={"model": [f"The model {body['model']!r} is not served here; see GET /v1/models."]})
+    messages = tuple(Message(m["role"], m["content"]) for m in body["messages"])
+    params = GenerationParams(
+        messages=messages,
+        model=body["model"],
+        temperature=body["temperature"],
+        max_tokens=body["max_completion_tokens"] or body["max_tokens"] or DEFAULT_MAX_TOKENS,
+        top_p=body["top_p"],
+        stop=body["stop"] or (),
+        seed=body["seed"],
+        response_format=body["response_format"],
+    )
+    record.metrics_model = params.model
+    record.fields.update(
+        model=params.model,
+        provider=svc.provider.name,
+        prompt_hash=messages_hash(messages),
+        prompt_length=params.input_chars,
+    )
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body["stream"]:
+        include_usage = bool((body["stream_options"] or {}).get("include_usage"))
+        wire = ChunkWire(completion_id, created, params.model, include_usage)
+        response = stream_response(
+            record, svc.generation.stream(client, params, record.started_monotonic, record.admitted), wire
+        )
+        record.token_window = svc.quotas.token_window(client)  # after the reservation, for x-ratelimit-*-tokens
+        return response
+    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted)
+    record.fields.update(result.log_fields())
+    record.token_window = svc.quotas.token_window(client)
+    completion = result.completion
+    return jsonify(
+        id=completion_id,
+        object="chat.completion",
+        created=created,
+        model=completion.model,
+        choices=[
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason or "stop",
+                "logprobs": None,
+            }
+        ],
+        usage=usage(result),
+    )
+
+
+def usage(generation: Generation) -> dict[str, Any] | None:
+    """Return OpenAI's usage object, or None when the backend reported no usage."""
+    tokens = generation.completion.usage
+    if tokens is None:
+        return None
+    return {
+        "prompt_tokens": tokens.input,
+        "completion_tokens": tokens.output,
+        "total_tokens": tokens.total,
+        "prompt_tokens_details": {"cached_tokens": tokens.cached_input},
+    }
+
+
+class ChunkWire:
+    """OpenAI's stream: chat.completion.chunk events, a usage chunk when asked, then [DONE]."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.completion_id, self.created, self.model = completion_id, created, model
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        chunk = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = None  # as OpenAI does: every chunk but the last has a null usage
+        chunk.update(extra)
+        return sse(chunk)
+
+    def opening(self) -> Iterable[str]:
+        yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+
+    def delta(self, text: str) -> str:
+        return self._chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+
+    def done(self, generation: Generation) -> Iterable[str]:
+        finish_reason = generation.completion.finish_reason or "stop"
+        yield self._chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason}])
+        if self.include_usage:
+            yield self._chunk([], usage=usage(generation))
+        yield sse("[DONE]")
+
+    def error(self, error: ServiceError) -> str:
+        return sse(openai_envelope(error.status, error.code, error.message, error.details))
