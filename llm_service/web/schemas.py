@@ -172,3 +172,8 @@ class HealthSchema(Schema):
 class ReadySchema(Schema):
     status = fields.String(required=True)
     provider = fields.String(required=True)
+    degraded = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "What still serves in a lesser way, e.g. redis when limits fail open"},
+    )
