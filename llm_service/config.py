@@ -94,6 +94,9 @@ class Settings:
         problems = []
         if self.provider not in PROVIDERS:
             problems.append(f"LLM_PROVIDER must be one of {', '.join(PROVIDERS)}")
+        if self.provider == "openai" and not (self.openai_api_key or self.openai_base_url):
+            # It would start, fail /ready, and spend every request's deadline retrying OpenAI without a key.
+            problems.append("LLM_PROVIDER=openai needs OPENAI_API_KEY or OPENAI_BASE_URL")
         if self.allowed_models and self.model not in self.allowed_models:
             problems.append(f"DEFAULT_MODEL {self.model!r} is not in ALLOWED_MODELS")
         if self.provider == "local" and self.allowed_models != (self.local_model_name,):

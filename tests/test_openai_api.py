@@ -139,11 +139,15 @@ def test_max_chars_counts_every_message(keyed: Callable[..., FlaskClient], upstr
 
 
 def test_unknown_model_is_404_model_not_found(chat: FlaskClient, upstream: FakeOpenAI) -> None:
-    response = chat.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"}, headers=AUTH)
+    asked = "<script>gpt-9</script>" * 100
+    response = chat.post("/v1/chat/completions", json={**CHAT, "model": asked}, headers=AUTH)
     assert response.status_code == 404
     assert response.get_json()["error"]["code"] == "model_not_found"
     assert response.get_json()["error"]["param"] == "model"
+    assert "script" not in response.get_data(as_text=True)  # the caller's text is never echoed back
     assert upstream.calls == 0
+    model_response = chat.get(f"/v1/models/{asked}", headers=AUTH)
+    assert model_response.status_code == 404 and "script" not in model_response.get_data(as_text=True)
 
 
 def test_models_lists_the_allowed_models(keyed: Callable[..., FlaskClient]) -> None:

@@ -91,10 +91,9 @@ class GenerateRequestSchema(Schema):
         prompt, system = data.get("prompt"), data.get("system")
         length = len(prompt or "") + len(system or "")
         if length > self.max_chars:
-            field = "prompt" if system is None else "_schema"
             raise ValidationError(
                 f"Prompt and system together have {length} characters; the limit is {self.max_chars}.",
-                field_name=field,
+                field_name="prompt",
             )
 
 
