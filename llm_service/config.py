@@ -64,6 +64,8 @@ class Settings:
     rate_limit_fail_open: bool = True
     trusted_proxy_hops: int = 0
     web_concurrency: int = 1
+    max_in_flight: int = 1000
+    body_timeout_s: float = 10.0
     metrics_token: str | None = field(default=None, repr=False)
     price_table: PriceTable = field(default_factory=load_price_table, repr=False, compare=False)
 
@@ -174,6 +176,8 @@ class Settings:
             rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN", True),
             trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", 0, minimum=0),
             web_concurrency=reader.integer("WEB_CONCURRENCY", 2, minimum=1),
+            max_in_flight=reader.integer("MAX_IN_FLIGHT", 1000, minimum=1),
+            body_timeout_s=reader.number("BODY_TIMEOUT", 10.0, minimum=0.0, exclusive=True),
             metrics_token=reader.text("METRICS_TOKEN"),
         )
         try:
@@ -207,6 +211,7 @@ class Settings:
             "limits_store": "redis" if self.redis_url else "memory",
             "rate_limit_fail_open": self.rate_limit_fail_open,
             "trusted_proxy_hops": self.trusted_proxy_hops,
+            "max_in_flight": self.max_in_flight,
         }
 
 

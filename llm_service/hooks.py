@@ -18,7 +18,7 @@ from .metrics import IN_FLIGHT, record_request
 log = logging.getLogger("llm_service.request")
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Paths polled by load balancers and scrapers: their summary lines go to DEBUG, not INFO.
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
@@ -68,7 +68,7 @@ class RequestRecord:
 def start_request() -> None:
     """Take the caller's request id when it is safe, else make one; start the clock."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
     g.record = RequestRecord(request_id, request.method, request.path, endpoint, time.monotonic())
     g.request_id = request_id  # what errors.envelope reads

@@ -96,12 +96,12 @@ def translate(error: Exception) -> ServiceError | Retryable:
 
 
 def token_usage(usage: Any) -> TokenUsage | None:
-    """Return the reported token counts; None when the server sent none (some compatible servers don't)."""
+    """Return the reported token counts of a usage JSON object; None when the server sent none."""
     if usage is None:
         return None
-    details = getattr(usage, "prompt_tokens_details", None)
+    details = usage.get("prompt_tokens_details") or {}
     return TokenUsage(
-        input=int(usage.prompt_tokens),
-        output=int(usage.completion_tokens),
-        cached_input=int(getattr(details, "cached_tokens", None) or 0),
+        input=int(usage["prompt_tokens"]),
+        output=int(usage["completion_tokens"]),
+        cached_input=int(details.get("cached_tokens") or 0),
     )
