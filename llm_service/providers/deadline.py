@@ -93,10 +93,10 @@ class _DeadlineBackend(NetworkBackend):
 class _DeadlinePool(httpx2.HTTPTransport):
     """httpx's own transport, on a connection pool whose sockets obey the deadline."""
 
-    def __init__(self, *, max_connections: int, max_keepalive_connections: int) -> None:
+    def __init__(self, *, ssl_context: Any, max_connections: int, max_keepalive_connections: int) -> None:
         super().__init__()
         self._pool = httpcore2.ConnectionPool(
-            ssl_context=httpx2.create_ssl_context(),
+            ssl_context=ssl_context,
             max_connections=max_connections,
             max_keepalive_connections=max_keepalive_connections,
             keepalive_expiry=5.0,
@@ -114,8 +114,10 @@ class DeadlineTransport(httpx2.BaseTransport):
 
     def __init__(self, *, max_in_flight: int = 1000, shard_size: int = 32) -> None:
         shards = max(1, math.ceil(max_in_flight / shard_size))
+        ssl_context = httpx2.create_ssl_context()  # loading the CA store takes tens of ms: once, shared
         self._shards = [
-            _DeadlinePool(max_connections=max_in_flight, max_keepalive_connections=shard_size) for _ in range(shards)
+            _DeadlinePool(ssl_context=ssl_context, max_connections=max_in_flight, max_keepalive_connections=shard_size)
+            for _ in range(shards)
         ]
         self._turn = itertools.count()
 
