@@ -94,7 +94,7 @@ class _DeadlinePool(httpx2.HTTPTransport):
     """httpx's own transport, on a connection pool whose sockets obey the deadline."""
 
     def __init__(self, *, ssl_context: Any, max_connections: int, max_keepalive_connections: int) -> None:
-        super().__init__()
+        super().__init__(verify=ssl_context)  # a context given is used as is, not loaded again
         self._pool = httpcore2.ConnectionPool(
             ssl_context=ssl_context,
             max_connections=max_connections,
