@@ -100,8 +100,8 @@ async def hold_hostile(port: int, kind: str, clients: int, until_monotonic: floa
                         await asyncio.sleep(1.0)
                 elif kind == "idle":
                     writer.write(request_bytes("GET", "/health", keep_alive=True))
-                    await reader.readuntil(b"}")
-                    await asyncio.wait_for(reader.read(1), until_monotonic - time.monotonic())
+                    await reader.readuntil(b"}\n")  # the end of the JSON answer (Flask ends it with a newline)
+                    await asyncio.wait_for(reader.read(1), until_monotonic - time.monotonic())  # until closed
                 else:  # never_close
                     writer.write(request_bytes("GET", "/health"))
                     await asyncio.sleep(max(until_monotonic - time.monotonic(), 0))
