@@ -297,7 +297,8 @@ def bench_capacity(workdir: Path, candidates: bool) -> dict[str, Any]:
         with Service(env, workdir / "capacity.log") as service:
             # A fresh worker's first burst also opens every upstream connection and grows its heap: it is
             # reported apart, and the targets apply to the steady state after it.
-            results["generate_first_burst"] = spread(asyncio.run(load.burst(service.port, clients, "/generate", PROMPT)))
+            first = asyncio.run(load.burst(service.port, clients, "/generate", PROMPT))
+            results["generate_first_burst"] = spread(first)
             calls, checks = asyncio.run(burst_with_probes(service.port, clients, PROMPT))
             results["generate"] = spread(calls)
             results["health_during_load"] = probe_ms(checks)
