@@ -1,8 +1,8 @@
 """Benchmarks for the speed targets; prints a table (or --json) and exits 1 if a target is missed.
 
-1. overhead: p50 latency the service adds to an instant upstream, next to a bare Flask + openai app
-   on the same gunicorn gthread settings (target: about 3 ms or less, or within 0.5 ms of the bare
-   app measured in the same run, since the openai client's own cost varies by machine).
+1. overhead: p50 and p99 latency the service adds to an instant upstream, next to a bare Flask + openai
+   app on the same gunicorn settings, measured in the same run (target: p50 within 20 % and p99 within
+   40 % of the bare app's, since the openai client's own cost varies by machine).
 2. concurrency: 64 simultaneous /generate calls against an upstream that takes 1 s each
    (target: all succeed within about 2 s).
 3. local: tokens/second of the embedded model through the service, next to llama-cpp-python called
@@ -111,6 +111,10 @@ def bench_overhead(requests: int, workdir: Path) -> dict[str, Any]:
             for _ in range(max(requests // block, 1)):  # interleaved, so drift hits all three alike
                 for sink, port, path, body in targets:
                     sink.extend(latencies_ms(port, path, body, block))
+
+        def p99(values: list[float]) -> float:
+            return statistics.quantiles(values, n=100)[98]
+
         results: dict[str, Any] = {
             "requests_each": len(ours),
             "upstream_direct_p50_ms": round(p50(direct), 2),
@@ -118,14 +122,15 @@ def bench_overhead(requests: int, workdir: Path) -> dict[str, Any]:
             "service_p50_ms": round(p50(ours), 2),
             "bare_added_p50_ms": round(p50(bare) - p50(direct), 2),
             "service_added_p50_ms": round(p50(ours) - p50(direct), 2),
-            "service_p99_ms": round(statistics.quantiles(ours, n=100)[98], 2),
+            "bare_added_p99_ms": round(p99(bare) - p50(direct), 2),
+            "service_added_p99_ms": round(p99(ours) - p50(direct), 2),
         }
-        # The bare app is the yardstick measured in this same run: the service's guardrails (validation,
-        # auth, limits, retry loop, deadline transport, pricing, logs, metrics) may add at most 0.5 ms
-        # p50 over it, or stay within the absolute 3 ms budget.
+        # The bare app is the yardstick measured in this same run, on the same gunicorn settings: with every
+        # guardrail on (validation, auth, limits, retry loop, deadline transport, pricing, logs, metrics,
+        # load shedding) the service may add at most 20 % to its p50 and 40 % to its p99.
         results["target_met"] = (
-            results["service_added_p50_ms"] <= 3.0
-            or results["service_added_p50_ms"] <= results["bare_added_p50_ms"] + 0.5
+            results["service_added_p50_ms"] <= 1.2 * results["bare_added_p50_ms"]
+            and results["service_added_p99_ms"] <= 1.4 * results["bare_added_p99_ms"]
         )
         return results
 
