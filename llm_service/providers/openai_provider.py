@@ -67,8 +67,10 @@ class OpenAIProvider:
         return bool(self._settings.openai_api_key or self._settings.openai_base_url)
 
     def warm_up(self) -> None:
-        """Build the client now, so the first request doesn't pay for it."""
-        self.client()
+        """Build the client and its platform headers now, so the first requests don't pay for them."""
+        # The SDK finds its platform headers once per process by running `uname -p` in a subprocess; left
+        # to the first requests, every one of a burst that arrived together forked a copy of the worker.
+        self.client().platform_headers()
 
     def _body(self, params: GenerationParams) -> dict[str, Any]:
         return {
