@@ -68,6 +68,8 @@ class Settings:
     rate_limit_fail_open: bool = True
     trusted_proxy_hops: int = 0
     web_concurrency: int = 2
+    max_in_flight: int = 1000
+    body_timeout_s: float = 10.0
     metrics_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -164,6 +166,8 @@ class Settings:
             rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN"),
             trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", minimum=0),
             web_concurrency=reader.integer("WEB_CONCURRENCY", minimum=1),
+            max_in_flight=reader.integer("MAX_IN_FLIGHT", minimum=1),
+            body_timeout_s=reader.number("BODY_TIMEOUT", minimum=0.0, exclusive=True),
             metrics_token=reader.text("METRICS_TOKEN"),
         )
         # An unset (or bad) value keeps the dataclass's default: the one place each default is written.
@@ -193,6 +197,7 @@ class Settings:
             "redis_tls_verify": self.redis_tls_verify,
             "rate_limit_fail_open": self.rate_limit_fail_open,
             "trusted_proxy_hops": self.trusted_proxy_hops,
+            "max_in_flight": self.max_in_flight,
         }
 
 

@@ -7,15 +7,16 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clients import Authenticator, ClientLimits, ClientPolicy, parse_client_overrides
 from .config import ConfigError, Settings, check_rate_limit
-from .generation import GenerationService
 from .pricing import PriceTable, PricingError, parse_price_table, shipped_price_table, with_overrides
-from .providers import build_provider
-from .providers.base import Provider
-from .quotas import QuotaGuard
+
+if TYPE_CHECKING:  # imported where the services are built, in each worker: see build_services
+    from .generation import GenerationService
+    from .providers.base import Provider
+    from .quotas import QuotaGuard
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,12 @@ class Services:
 
 def build_services(settings: Settings, catalog: Catalog) -> Services:
     """Build the backend, the limits and the generation use-case, and warm the backend up."""
+    # Imported here, not at the top: gunicorn's master reads settings through load_env before it forks
+    # gevent workers, and these modules pull in redis and with it ssl, which gevent must patch first.
+    from .generation import GenerationService
+    from .providers import build_provider
+    from .quotas import QuotaGuard
+
     provider = build_provider(settings)
     provider.warm_up()
     quotas = QuotaGuard(settings, catalog.clients, catalog.prices)
