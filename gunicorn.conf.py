@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -14,19 +15,37 @@ from dotenv import load_dotenv
 
 load_dotenv()  # the same .env the app reads; the real environment wins
 
+# Metrics from every worker: prometheus_client's multiprocess mode keeps each worker's values in files
+# under PROMETHEUS_MULTIPROC_DIR, and picks that mode when it is first imported. So the directory is set
+# here, before any import below can load it (the local provider's start-up checks do), and each start
+# gets a fresh one: values of an earlier deploy must not leak into this one's totals.
+_metrics_dir_owned = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _metrics_dir_owned:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-service-metrics-")
+else:
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 from llm_service.config import ConfigError  # noqa: E402
 from llm_service.logs import logging_config  # noqa: E402
 from llm_service.providers import installation_problem  # noqa: E402
 from llm_service.startup import load_env  # noqa: E402
 
+# Settings only gunicorn reads; their problems join the app's in the one start-up message.
+_problems: list[str] = []
 
-def _int_env(name: str, default: int) -> int:
+
+def _int_env(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name, "").strip()
     try:
-        return int(raw) if raw else default
+        value = int(raw) if raw else default
     except ValueError:
-        _fail(f"invalid settings: {name} must be a whole number, got {raw!r}")
-        raise
+        _problems.append(f"{name} must be a whole number, got {raw!r}")
+        return default
+    if value < minimum:
+        _problems.append(f"{name} must be at least {minimum}, got {value}")
+        return default
+    return value
 
 
 def _fail(message: str) -> None:
@@ -34,37 +53,61 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+_port = _int_env("PORT", 8000)
+_threads = _int_env("THREADS", 64)
+_worker_connections = _int_env("WORKER_CONNECTIONS", 0, minimum=0)  # 0: sized from the worker model below
+_worker_kind = os.environ.get("WORKER_CLASS", "").strip() or "gevent"
+if _worker_kind not in ("gevent", "gthread"):
+    _problems.append(f"WORKER_CLASS must be gevent or gthread, got {_worker_kind!r}")
+
 # Fail in the master, before any worker forks, with one message naming every bad setting.
 try:
     _settings, _ = load_env(os.environ)  # the settings and the files they name (prices, clients)
 except ConfigError as _error:
-    _fail(str(_error))
+    _fail(str(ConfigError(_error.problems + _problems)))
+if _problems:
+    _fail(str(ConfigError(_problems)))
 if _problem := installation_problem(_settings):
     _fail(_problem)
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_int_env('PORT', 8000)}"
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_port}"
+workers = _settings.web_concurrency  # WEB_CONCURRENCY, checked with the app's settings
 
-# Threaded workers: an LLM call spends seconds waiting on the network, so one process holds many
-# calls in flight. Heroku sets WEB_CONCURRENCY to suit the dyno; two processes suit two cores.
-worker_class = "gthread"
-workers = _int_env("WEB_CONCURRENCY", 2)
-threads = _int_env("THREADS", 64)
-# A worker takes at most this many connections: one per thread plus a few idle keep-alive ones. Past
-# that it stops accepting, so a worker whose threads are all busy (say, holding long streams) leaves
-# new connections to a worker with free threads instead of queueing them behind its own.
-worker_connections = threads + max(8, threads // 4)
+# An LLM call spends seconds waiting on the network, so what limits an instance is how many calls it
+# holds open at once. gevent (the default) holds thousands per worker: each request is a greenlet of a
+# few KB on monkey-patched sockets, not an OS thread. `WORKER_CLASS=gthread` keeps threads instead
+# (THREADS per worker; README, Capacity, compares the two).
+if _worker_kind == "gevent":
+    # gunicorn's gevent worker, plus a prompt stop of accepting on SIGTERM (llm_service/server.py).
+    worker_class = "llm_service.server.GeventWorker"
+    # Connections a worker takes at once: MAX_IN_FLIGHT requests plus room for idle keep-alive and slow
+    # clients and for the requests it sheds (answered 503 at once rather than left in the backlog).
+    worker_connections = _worker_connections or _settings.max_in_flight + 1000
+else:
+    worker_class = _worker_kind
+    threads = _threads
+    # One connection per thread plus a few idle keep-alive ones; past that a gthread worker stops
+    # accepting, so a worker whose threads are all busy leaves new connections to one with free threads.
+    worker_connections = _worker_connections or threads + max(8, threads // 4)
+
+# Each request in flight holds two file descriptors (the client's and the upstream's): lift the soft
+# limit to the hard one, which containers and dynos set far above the usual soft 1,024.
+_soft_fds, _hard_fds = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _hard_fds == resource.RLIM_INFINITY or _soft_fds < _hard_fds:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard_fds, _hard_fds))
 
 # The app (and its openai client or local model) is built in each worker after fork, never shared.
 preload_app = False
 
-# gthread workers report to the master from their main loop, not from request threads, so a slow
-# upstream call does not trip this; it only ends a worker whose main loop is stuck.
+# Workers report to the master from their main loop, not from requests, so a slow upstream call does
+# not trip this; it only ends a worker whose main loop is stuck.
 timeout = 60
 # On SIGTERM a worker stops accepting and lets in-flight requests finish: the longest a request may
 # run is DEADLINE, plus a margin to write the answer. Heroku kills a dyno 30 s after SIGTERM.
 graceful_timeout = int(_settings.deadline_s) + 5
-# Idle keep-alive connections close after 5 s: long enough for a proxy to reuse them, short enough
-# that idle clients do not hold the worker's connection slots.
+# Idle keep-alive connections close after 5 s: long enough for a proxy to reuse them, short enough that
+# idle clients do not pile up. Under gevent the same 5 s bounds reading a request's line and headers, so
+# a client that sends its headers a byte at a time (slowloris) is cut off; BODY_TIMEOUT bounds the body.
 keepalive = 5
 
 # Request-line and header limits: a /generate call needs far less than these; anything larger is
@@ -73,26 +116,18 @@ limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
 
-# Every line on stdout is JSON: gunicorn's error log as well as the app's. The app writes one
-# summary line per request, so gunicorn's access log is off unless ACCESS_LOG=1 (then JSON too).
+# Every line on stdout is JSON: gunicorn's error log as well as the app's. The app writes one summary
+# line per request, so gunicorn's access log is off unless ACCESS_LOG=1 (then JSON too, and with the
+# values of secret-looking query parameters redacted). gunicorn turns its access log on whenever a
+# logging config is given; this logger class makes ACCESS_LOG the only switch.
 logconfig_dict = logging_config(_settings.log_level)
 errorlog = "-"
-accesslog = "-" if os.environ.get("ACCESS_LOG", "").strip() in ("1", "true", "yes") else None
+logger_class = "llm_service.server.AccessLogger"
+accesslog = "-" if os.environ.get("ACCESS_LOG", "").strip().lower() in ("1", "true", "yes", "on") else None
 
 # No control socket: its default path is per user, so two instances on one machine would collide,
 # and nothing here uses gunicornc.
 control_socket_disable = True
-
-# Metrics from every worker: prometheus_client's multiprocess mode keeps each worker's values in files
-# under PROMETHEUS_MULTIPROC_DIR, which must be set before any worker imports prometheus_client. Each
-# start gets a fresh directory (values of an earlier deploy must not leak into this one's totals).
-_metrics_dir_owned = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if _metrics_dir_owned:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-service-metrics-")
-else:
-    _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
-    os.makedirs(_metrics_dir, exist_ok=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:

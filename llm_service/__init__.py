@@ -23,7 +23,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     configure_app(app, settings)
     web.init_app(app, startup.build_services(settings, catalog))
-    log.info("service configured", extra={**settings.describe(), "allowed_models": len(catalog.allowed_models)})
+    loaded = {"allowed_models": len(catalog.allowed_models), "price_source": catalog.prices.source}
+    log.info("service configured", extra={**settings.describe(), **loaded})
     warn_about_open_settings(settings)
     return app
 
@@ -43,6 +44,16 @@ def configure_app(app: Flask, settings: Settings) -> None:
         # entries a client wrote itself lie further left and are ignored.
         hops = settings.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+    register_admission(app, settings)
+
+
+def register_admission(app: Flask, settings: Settings) -> None:
+    """Shed load past MAX_IN_FLIGHT and read bodies by BODY_TIMEOUT, before Flask sees the request."""
+    from .web.admission import Admission
+
+    app.wsgi_app = Admission(  # type: ignore[method-assign]
+        app.wsgi_app, settings.max_in_flight, settings.body_timeout_s, settings.max_body_bytes
+    )
 
 
 def warn_about_open_settings(settings: Settings) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -71,6 +70,8 @@ class Settings:
     rate_limit_fail_open: bool = True
     trusted_proxy_hops: int = 0
     web_concurrency: int = 2
+    max_in_flight: int = 1000
+    body_timeout_s: float = 10.0
     metrics_token: str | None = field(default=None, repr=False)
     cache_mode: str = "deterministic"
     cache_ttl_s: int = 3600
@@ -102,6 +103,9 @@ class Settings:
         problems = []
         if self.provider not in PROVIDERS:
             problems.append(f"LLM_PROVIDER must be one of {', '.join(PROVIDERS)}")
+        if self.provider == "openai" and not (self.openai_api_key or self.openai_base_url):
+            # It would start, fail /ready, and spend every request's deadline retrying OpenAI without a key.
+            problems.append("LLM_PROVIDER=openai needs OPENAI_API_KEY or OPENAI_BASE_URL")
         if self.allowed_models and self.model not in self.allowed_models:
             problems.append(f"DEFAULT_MODEL {self.model!r} is not in ALLOWED_MODELS")
         if self.provider == "local" and self.allowed_models != (self.local_model_name,):
@@ -173,6 +177,8 @@ class Settings:
             rate_limit_fail_open=reader.boolean("RATE_LIMIT_FAIL_OPEN"),
             trusted_proxy_hops=reader.integer("TRUSTED_PROXY_HOPS", minimum=0),
             web_concurrency=reader.integer("WEB_CONCURRENCY", minimum=1),
+            max_in_flight=reader.integer("MAX_IN_FLIGHT", minimum=1),
+            body_timeout_s=reader.number("BODY_TIMEOUT", minimum=0.0, exclusive=True),
             metrics_token=reader.text("METRICS_TOKEN"),
             cache_mode=(reader.text("CACHE_MODE") or "").lower() or None,
             cache_ttl_s=reader.integer("CACHE_TTL", minimum=1),
@@ -207,15 +213,12 @@ class Settings:
             "redis_tls_verify": self.redis_tls_verify,
             "rate_limit_fail_open": self.rate_limit_fail_open,
             "trusted_proxy_hops": self.trusted_proxy_hops,
+            "max_in_flight": self.max_in_flight,
             "cache_mode": self.cache_mode,
             "cache_store": "off" if self.cache_mode == "off" else "redis" if self.redis_url else "memory",
             "cache_scope": self.cache_scope if self.api_keys else "shared",
             "cache_ttl_s": self.cache_ttl_s,
         }
-
-    def replace(self, **changes: Any) -> Settings:
-        """Return a copy with `changes` applied."""
-        return dataclasses.replace(self, **changes)
 
 
 def redact_url(url: str) -> str:

@@ -77,6 +77,14 @@ class LimiterUnavailable(ServiceError):
     status, code, message = 503, "limiter_unavailable", "Usage limits cannot be checked right now; retry later."
 
 
+class Overloaded(ServiceError):
+    status, code, message = 503, "overloaded", "This instance is at capacity; retry shortly."
+
+
+class RequestTimeout(ServiceError):
+    status, code, message = 408, "request_timeout", "The request body did not arrive in time."
+
+
 class InvalidRequest(ServiceError):
     status, code, message = 400, "invalid_request", "The request is invalid."
 

@@ -7,18 +7,17 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cache import ResponseCache
-from .cache_store import CacheStore, MemoryStore, RedisStore
 from .clients import Authenticator, ClientLimits, ClientPolicy, parse_client_overrides
 from .config import ConfigError, Settings, check_rate_limit, redact_url
-from .counters import connect_redis
-from .generation import GenerationService
 from .pricing import PriceTable, PricingError, parse_price_table, shipped_price_table, with_overrides
-from .providers import build_provider
-from .providers.base import Provider
-from .quotas import QuotaGuard
+
+if TYPE_CHECKING:  # imported where the services are built, in each worker: see build_services
+    from .cache import ResponseCache
+    from .generation import GenerationService
+    from .providers.base import Provider
+    from .quotas import QuotaGuard
 
 
 @dataclass(frozen=True)
@@ -108,6 +107,12 @@ class Services:
 
 def build_services(settings: Settings, catalog: Catalog) -> Services:
     """Build the backend, the limits and the generation use-case, and warm the backend up."""
+    # Imported here, not at the top: gunicorn's master reads settings through load_env before it forks
+    # gevent workers, and these modules pull in redis and with it ssl, which gevent must patch first.
+    from .generation import GenerationService
+    from .providers import build_provider
+    from .quotas import QuotaGuard
+
     provider = build_provider(settings)
     provider.warm_up()
     quotas = QuotaGuard(settings, catalog.clients, catalog.prices)
@@ -119,6 +124,10 @@ def build_services(settings: Settings, catalog: Catalog) -> Services:
 
 def build_cache(settings: Settings) -> ResponseCache:
     """Build the response cache: in Redis when REDIS_URL is set, else in each worker's memory."""
+    from .cache import ResponseCache
+    from .cache_store import CacheStore, MemoryStore, RedisStore
+    from .counters import connect_redis
+
     if settings.cache_mode == "off":
         return ResponseCache.disabled()
     store: CacheStore

@@ -1,8 +1,8 @@
 """Benchmarks for the speed targets; prints a table (or --json) and exits 1 if a target is missed.
 
-1. overhead: p50 latency the service adds to an instant upstream, next to a bare Flask + openai app
-   on the same gunicorn gthread settings (target: about 3 ms or less, or within 0.5 ms of the bare
-   app measured in the same run, since the openai client's own cost varies by machine).
+1. overhead: p50 and p99 latency the service adds to an instant upstream, next to a bare Flask + openai
+   app on the same gunicorn settings, measured in the same run (target: p50 within 20 % and p99 within
+   40 % of the bare app's, since the openai client's own cost varies by machine).
 2. concurrency: 64 simultaneous /generate calls against an upstream that takes 1 s each
    (target: all succeed within about 2 s).
 3. local: tokens/second of the embedded model through the service, next to llama-cpp-python called
@@ -10,7 +10,15 @@
 4. memory: resident (RSS) and proportional (PSS) memory of each gunicorn worker after load, on the
    upstream and on the local model; PSS shows the mmap'd model file shared between workers
    (target: under 200 MB PSS per worker).
-5. cache: p50 latency of a response-cache hit next to a miss, one request at a time on an instant
+5. capacity: default settings against an asyncio upstream that answers after 2 s (scripts/async_upstream.py),
+   driven by an asyncio load generator (scripts/load.py) checked against the upstream alone first:
+   1,000 concurrent /generate (all 200, p50 <= 2.5 s, slowest <= 3.5 s) with 50 /health probes from fresh
+   connections meanwhile (p99 < 100 ms); 1,000 concurrent streams of 20 chunks over 2 s (all end with
+   `done`, slowest <= 4 s); RSS per worker after the load (<= 150 MB); MAX_IN_FLIGHT=100 under 600 calls
+   (the excess 503 `overloaded` at once, nothing else fails); 300 slowloris + 300 idle keep-alive + 150
+   never-closing clients held open (fresh /health < 200 ms, a /generate succeeds, no worker killed).
+   With --candidates, the same 1,000 /generate on gthread workers (THREADS=64, the old default, and 512).
+6. cache: p50 latency of a response-cache hit next to a miss, one request at a time on an instant
    upstream, with the cache in worker memory and in Redis (when one answers on REDIS_URL or
    127.0.0.1:6379) (target: a hit is faster than a miss in each).
 """
@@ -18,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -34,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts import load  # noqa: E402
 from tests.servers import Service, free_port  # noqa: E402
 
 PROMPT = {"prompt": "Say hello."}
@@ -106,6 +116,10 @@ def bench_overhead(requests: int, workdir: Path) -> dict[str, Any]:
             for _ in range(max(requests // block, 1)):  # interleaved, so drift hits all three alike
                 for sink, port, path, body in targets:
                     sink.extend(latencies_ms(port, path, body, block))
+
+        def p99(values: list[float]) -> float:
+            return statistics.quantiles(values, n=100)[98]
+
         results: dict[str, Any] = {
             "requests_each": len(ours),
             "upstream_direct_p50_ms": round(p50(direct), 2),
@@ -113,14 +127,15 @@ def bench_overhead(requests: int, workdir: Path) -> dict[str, Any]:
             "service_p50_ms": round(p50(ours), 2),
             "bare_added_p50_ms": round(p50(bare) - p50(direct), 2),
             "service_added_p50_ms": round(p50(ours) - p50(direct), 2),
-            "service_p99_ms": round(statistics.quantiles(ours, n=100)[98], 2),
+            "bare_added_p99_ms": round(p99(bare) - p50(direct), 2),
+            "service_added_p99_ms": round(p99(ours) - p50(direct), 2),
         }
-        # The bare app is the yardstick measured in this same run: the service's guardrails (validation,
-        # auth, limits, retry loop, deadline transport, pricing, logs, metrics) may add at most 0.5 ms
-        # p50 over it, or stay within the absolute 3 ms budget.
+        # The bare app is the yardstick measured in this same run, on the same gunicorn settings: with every
+        # guardrail on (validation, auth, limits, retry loop, deadline transport, pricing, logs, metrics,
+        # load shedding) the service may add at most 20 % to its p50 and 40 % to its p99.
         results["target_met"] = (
-            results["service_added_p50_ms"] <= 3.0
-            or results["service_added_p50_ms"] <= results["bare_added_p50_ms"] + 0.5
+            results["service_added_p50_ms"] <= 1.2 * results["bare_added_p50_ms"]
+            and results["service_added_p99_ms"] <= 1.4 * results["bare_added_p99_ms"]
         )
         return results
 
@@ -287,13 +302,163 @@ def bench_cache(requests: int, workdir: Path) -> dict[str, Any]:
     return results
 
 
+class AsyncUpstream(FakeUpstream):
+    """scripts/async_upstream.py in its own process: one event loop answering thousands of calls at once."""
+
+    def __init__(self, delay_s: float, chunks: int) -> None:
+        self.port = free_port()
+        command = [sys.executable, "scripts/async_upstream.py", "--port", str(self.port), "--delay-s", str(delay_s)]
+        self.process = subprocess.Popen([*command, "--chunks", str(chunks)], cwd=ROOT, stdout=subprocess.PIPE)
+        assert self.process.stdout is not None
+        self.url = self.process.stdout.readline().decode().strip()
+
+
+def spread(outcomes: list[load.Outcome]) -> dict[str, Any]:
+    """Summarise a burst: statuses, p50 and slowest latency in seconds."""
+    latencies = sorted(o.latency_s for o in outcomes)
+    statuses: dict[str, int] = {}
+    for outcome in outcomes:
+        statuses[str(outcome.status)] = statuses.get(str(outcome.status), 0) + 1
+    return {
+        "statuses": statuses,
+        "p50_s": round(statistics.median(latencies), 2),
+        "p99_s": round(statistics.quantiles(latencies, n=100, method="inclusive")[98], 2),
+        "slowest_s": round(latencies[-1], 2),
+    }
+
+
+def probe_ms(outcomes: list[load.Outcome]) -> dict[str, Any]:
+    latencies = [o.latency_s * 1000 for o in outcomes]
+    return {
+        "ok": sum(o.status == 200 for o in outcomes),
+        "p50_ms": round(statistics.median(latencies), 1),
+        "p99_ms": round(statistics.quantiles(latencies, n=100, method="inclusive")[98], 1),
+        "max_ms": round(max(latencies), 1),
+    }
+
+
+async def burst_with_probes(port: int, clients: int, body: dict[str, Any]) -> tuple[list[load.Outcome], list[Any]]:
+    calls = asyncio.create_task(load.burst(port, clients, "/generate", body))
+    await asyncio.sleep(0.2)  # the burst is being accepted: probe while it is in flight
+    checks = await load.probes(port, 50, 0.03)
+    return await calls, checks
+
+
+def worker_boots(service: Service) -> int:
+    return sum("Booting worker" in r.get("message", "") for r in service.log_records())
+
+
+def bench_capacity(workdir: Path, candidates: bool) -> dict[str, Any]:
+    load.raise_fd_limit()
+    clients = 1000
+    results: dict[str, Any] = {}
+    with AsyncUpstream(2.0, 20) as upstream:
+        # The load generator and upstream alone: the floor every figure below stands on.
+        chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello."}]}
+        results["upstream_alone"] = spread(
+            asyncio.run(load.burst(upstream.port, clients, "/v1/chat/completions", chat))
+        )
+        env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": upstream.url, "RATE_LIMIT": NO_LIMIT}
+        with Service(env, workdir / "capacity.log") as service:
+            # A fresh worker's first burst also opens every upstream connection and grows its heap: it is
+            # reported apart, and the targets apply to the steady state after it.
+            first = asyncio.run(load.burst(service.port, clients, "/generate", PROMPT))
+            results["generate_first_burst"] = spread(first)
+            calls, checks = asyncio.run(burst_with_probes(service.port, clients, PROMPT))
+            results["generate"] = spread(calls)
+            results["health_during_load"] = probe_ms(checks)
+            stream = {**PROMPT, "stream": True}
+            results["streams_first_burst"] = spread(asyncio.run(load.burst(service.port, clients, "/generate", stream)))
+            streams = asyncio.run(load.burst(service.port, clients, "/generate", stream))
+            results["streams"] = {**spread(streams), "done": sum(b"event: done" in o.body for o in streams)}
+            results["rss_mb_per_worker"] = [w["rss_mb"] for w in worker_memory_mb(service)]
+            boots = worker_boots(service)
+            results["hostile"] = asyncio.run(hostile(service.port))
+            service.stop()
+            results["hostile"]["workers_killed"] = worker_boots(service) - boots
+        with Service({**env, "MAX_IN_FLIGHT": "100"}, workdir / "shedding.log") as service:
+            asyncio.run(load.burst(service.port, 600, "/generate", PROMPT))  # the steady state, as above
+            shed = asyncio.run(load.burst(service.port, 600, "/generate", PROMPT))
+            refused = [o for o in shed if o.status == 503]
+            results["shedding"] = {
+                "max_in_flight_per_worker": 100,
+                "calls": len(shed),
+                "ok": sum(o.status == 200 for o in shed),
+                "overloaded": sum(b'"overloaded"' in o.body and "retry-after" in o.headers for o in refused),
+                "other": sum(o.status not in (200, 503) for o in shed),
+                "slowest_503_s": round(max((o.latency_s for o in refused), default=0.0), 2),
+            }
+        if candidates:
+            for threads in (64, 512):
+                gthread = {**env, "WORKER_CLASS": "gthread", "THREADS": str(threads)}
+                with Service(gthread, workdir / f"gthread-{threads}.log") as service:
+                    asyncio.run(load.burst(service.port, clients, "/generate", PROMPT))  # the steady state, as above
+                    calls, checks = asyncio.run(burst_with_probes(service.port, clients, PROMPT))
+                    results[f"gthread_{threads}_generate"] = {
+                        **spread(calls),
+                        "health_p99_ms": probe_ms(checks)["p99_ms"],
+                    }
+                    results[f"gthread_{threads}_rss_mb_per_worker"] = [w["rss_mb"] for w in worker_memory_mb(service)]
+    generate, streams, hostile_figures, shed = (
+        results["generate"],
+        results["streams"],
+        results["hostile"],
+        results["shedding"],
+    )
+    results["target_met"] = (
+        generate["statuses"] == {"200": clients}
+        and generate["p50_s"] <= 2.5
+        and generate["slowest_s"] <= 3.5
+        and results["health_during_load"]["p99_ms"] < 100
+        and streams["done"] == clients
+        and streams["slowest_s"] <= 4.0
+        and max(results["rss_mb_per_worker"]) <= 150
+        and shed["overloaded"] > 0
+        and shed["ok"] + shed["overloaded"] == shed["calls"]
+        and shed["slowest_503_s"] < 1.0
+        and hostile_figures["health_max_ms"] < 200
+        and hostile_figures["generate_status"] == 200
+        and hostile_figures["workers_killed"] == 0
+    )
+    return results
+
+
+async def hostile(port: int) -> dict[str, Any]:
+    """Hold 300 slowloris, 300 idle keep-alive and 150 never-closing clients open; probe meanwhile."""
+    until = time.monotonic() + 10.0
+    holders = asyncio.gather(
+        load.hold_hostile(port, "slowloris", 300, until),
+        load.hold_hostile(port, "idle", 300, until),
+        load.hold_hostile(port, "never_close", 150, until),
+    )
+    await asyncio.sleep(1.0)  # all of them connected
+    generate = asyncio.create_task(load.call(port, "POST", "/generate", PROMPT))
+    checks = await load.probes(port, 50, 0.1)
+    answer = await generate
+    opened = await holders
+    figures = probe_ms(checks)
+    return {
+        "connections_opened": sum(opened),
+        "health_ok": figures["ok"],
+        "health_p99_ms": figures["p99_ms"],
+        "health_max_ms": figures["max_ms"],
+        "generate_status": answer.status,
+    }
+
+
+PARTS = ("overhead", "concurrency", "local", "memory", "capacity", "cache")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["overhead", "concurrency", "local", "memory", "cache"], action="append")
+    parser.add_argument(
+        "--only", choices=["overhead", "concurrency", "local", "memory", "capacity", "cache"], action="append"
+    )
+    parser.add_argument("--candidates", action="store_true", help="capacity: also measure gthread workers")
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests for the overhead run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    chosen = args.only or ["overhead", "concurrency", "local", "memory", "cache"]
+    chosen = args.only or list(PARTS)
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -305,6 +470,10 @@ def main() -> int:
             report["local"] = bench_local(10, 128, workdir)
         if "memory" in chosen:
             report["memory"] = bench_memory(workdir)
+        if "cache" in chosen:
+            report["cache"] = bench_cache(args.requests, workdir)
+        if "capacity" in chosen:
+            report["capacity"] = bench_capacity(workdir, args.candidates)
         if "cache" in chosen:
             report["cache"] = bench_cache(args.requests, workdir)
     if args.json:

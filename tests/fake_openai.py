@@ -264,7 +264,7 @@ def stream_chunk(model: str, delta: dict[str, Any], finish_reason: str | None) -
 
 
 def main() -> None:
-    """Serve the fake on a port, every answer after `--delay-s`: for benchmarks, in its own process."""
+    """Serve the fake on a port, every answer after `--delay-s`: for benchmarks and trying the service by hand."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--delay-s", type=float, default=0.0)
     args = parser.parse_args()
     fake = FakeOpenAI(port=args.port)
-    fake.default = ok(delay_s=args.delay_s)
+    fake.default = Reply("auto", delay_s=args.delay_s)  # streams when asked, as a real upstream does
     print(fake.url, flush=True)
     fake._server.serve_forever(0.05)
 

@@ -79,7 +79,10 @@ BAD_BODIES: list[tuple[Any, str]] = [
     ({"prompt": "   \n"}, "prompt"),
     ({"prompt": 42}, "prompt"),
     ({"prompt": "x" * 4001}, "prompt"),
-    ({"prompt": "x" * 3000, "system": "y" * 1001}, "_schema"),
+    (
+        {"prompt": "x" * 3000, "system": "y" * 1001},
+        "prompt",
+    ),  # the field clients write, not marshmallow's internal "_schema"
     ({"prompt": "Hi", "model": "gpt-unknown"}, "model"),
     ({"prompt": "Hi", "temperature": 2.5}, "temperature"),
     ({"prompt": "Hi", "temperature": -0.1}, "temperature"),

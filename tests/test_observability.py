@@ -210,16 +210,33 @@ def test_metrics_token_is_required_when_set(make_settings: Callable[..., Setting
     assert b"llm_requests_total" in response.data
 
 
-def test_ready_is_503_with_reasons_when_redis_does_not_answer(make_settings: Callable[..., Settings]) -> None:
+def test_ready_is_503_with_reasons_when_redis_does_not_answer_and_limits_fail_closed(
+    make_settings: Callable[..., Settings],
+) -> None:
     from tests.servers import free_port
 
-    client = create_app(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")).test_client()
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", rate_limit_fail_open=False)
+    client = create_app(settings).test_client()
     response = client.get("/ready")
     assert response.status_code == 503
     error = response.get_json()["error"]
     assert error["code"] == "not_ready"
     assert set(error["details"]) == {"redis"}
     assert client.get("/health").status_code == 200  # liveness does not depend on Redis
+
+
+def test_ready_stays_200_and_says_degraded_when_redis_is_down_but_limits_fail_open(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Every replica still serves without limits: pulling them all from the load balancer would be an outage."""
+    from tests.servers import free_port
+
+    client = create_app(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")).test_client()
+    response = client.get("/ready")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "ready"
+    assert set(body["degraded"]) == {"redis"}
 
 
 def test_ready_is_200_when_everything_answers(client) -> None:

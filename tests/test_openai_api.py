@@ -139,11 +139,15 @@ def test_max_chars_counts_every_message(keyed: Callable[..., FlaskClient], upstr
 
 
 def test_unknown_model_is_404_model_not_found(chat: FlaskClient, upstream: FakeOpenAI) -> None:
-    response = chat.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"}, headers=AUTH)
+    asked = "<script>gpt-9</script>" * 100
+    response = chat.post("/v1/chat/completions", json={**CHAT, "model": asked}, headers=AUTH)
     assert response.status_code == 404
     assert response.get_json()["error"]["code"] == "model_not_found"
     assert response.get_json()["error"]["param"] == "model"
+    assert "script" not in response.get_data(as_text=True)  # the caller's text is never echoed back
     assert upstream.calls == 0
+    model_response = chat.get(f"/v1/models/{asked}", headers=AUTH)
+    assert model_response.status_code == 404 and "script" not in model_response.get_data(as_text=True)
 
 
 def test_models_lists_the_allowed_models(keyed: Callable[..., FlaskClient]) -> None:
@@ -320,3 +324,24 @@ def test_a_stream_is_logged_once_however_it_ends(
     (summary,) = [r for r in caplog.records if r.name == "llm_service.request"]
     assert summary.status == status and summary.stream is True
     assert REGISTRY.get_sample_value("llm_in_flight_requests") == in_flight
+
+
+def test_spent_upstream_quota_says_a_retry_cannot_help(chat: FlaskClient, upstream: FakeOpenAI) -> None:
+    upstream.enqueue(fake.status(429, error_code="insufficient_quota"))
+    response = chat.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "upstream_quota_exceeded"
+    assert response.headers["x-should-retry"] == "false"
+    assert upstream.calls == 1
+
+
+def test_upstream_rate_limit_keeps_its_retry_after_for_the_sdk(
+    keyed: Callable[..., FlaskClient], upstream: FakeOpenAI
+) -> None:
+    client = keyed(max_retries=0)
+    upstream.enqueue(fake.status(429, headers={"retry-after": "7"}))
+    response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 429
+    assert response.get_json()["error"]["type"] == "rate_limit_error"
+    assert response.headers["retry-after"] == "7"
+    assert "x-should-retry" not in response.headers

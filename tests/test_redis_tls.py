@@ -61,10 +61,15 @@ def test_the_test_server_speaks_only_tls(tls_redis: str) -> None:
 
 
 def test_self_signed_certificate_is_refused_by_default(tls_redis: str, make_settings: Callable[..., Settings]) -> None:
-    app = create_app(make_settings(redis_url=tls_redis))
+    # Limits failing closed: the instance cannot serve, so it is not ready.
+    app = create_app(make_settings(redis_url=tls_redis, rate_limit_fail_open=False))
     response = app.test_client().get("/ready")
     assert response.status_code == 503
     assert "redis" in response.get_json()["error"]["details"]
+    # Failing open (the default): it serves without limits and says Redis is what is degraded.
+    app = create_app(make_settings(redis_url=tls_redis))
+    response = app.test_client().get("/ready")
+    assert (response.status_code, set(response.get_json().get("degraded", {}))) == (200, {"redis"})
 
 
 @pytest.mark.parametrize("how", ["REDIS_TLS_VERIFY=false", "?ssl_cert_reqs=none in the URL"])
@@ -78,7 +83,8 @@ def test_heroku_style_rediss_url_serves_with_shared_limits(
     else:
         settings = make_settings(redis_url=tls_redis + "?ssl_cert_reqs=none", **limits)
     client = create_app(settings).test_client()
-    assert client.get("/ready").status_code == 200
+    ready = client.get("/ready")
+    assert (ready.status_code, "degraded" in ready.get_json()) == (200, False)
     headers = {"Authorization": f"Bearer {secret}"}
     statuses = [client.post("/generate", json={"prompt": "Hi"}, headers=headers).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
@@ -90,7 +96,8 @@ def test_heroku_style_rediss_url_serves_with_shared_limits(
 def test_tls_verify_off_leaves_a_plain_redis_url_working(make_settings: Callable[..., Settings]) -> None:
     # app.json sets REDIS_TLS_VERIFY=false for Heroku Redis; a redis:// URL must still work with it.
     app = create_app(make_settings(redis_url="redis://127.0.0.1:6379/0", redis_tls_verify=False))
-    assert app.test_client().get("/ready").status_code == 200
+    ready = app.test_client().get("/ready")
+    assert (ready.status_code, "degraded" in ready.get_json()) == (200, False)
 
 
 def test_tls_verify_is_read_from_the_environment() -> None:

@@ -7,6 +7,8 @@ held in a context variable, and an operation that starts after it fails at once 
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,19 +90,44 @@ class _DeadlineBackend(NetworkBackend):
         self._inner.sleep(seconds)
 
 
-class DeadlineTransport(httpx2.HTTPTransport):
+class _DeadlinePool(httpx2.HTTPTransport):
     """httpx's own transport, on a connection pool whose sockets obey the deadline.
 
     HTTPTransport takes no network backend, so its private `_pool` is replaced (httpx2 2.16);
     tests/test_library_hooks.py fails if an upgrade stops the transport from using it.
     """
 
-    def __init__(self, *, max_connections: int = 1000, max_keepalive_connections: int = 100) -> None:
-        super().__init__()
+    def __init__(self, *, ssl_context: Any, max_connections: int, max_keepalive_connections: int) -> None:
+        super().__init__(verify=ssl_context)  # a context given is used as is, not loaded again
         self._pool = httpcore2.ConnectionPool(
-            ssl_context=httpx2.create_ssl_context(),
+            ssl_context=ssl_context,
             max_connections=max_connections,
             max_keepalive_connections=max_keepalive_connections,
             keepalive_expiry=5.0,
             network_backend=_DeadlineBackend(),
         )
+
+
+class DeadlineTransport(httpx2.BaseTransport):
+    """Upstream connections whose sockets obey the deadline, spread over small pools.
+
+    httpcore's pool walks all of its connections (polling each idle one) on every request and every
+    response close: with hundreds of calls in flight in one worker that walk is quadratic and ate a
+    quarter of the CPU. Calls go round robin to pools of about `shard_size` connections instead.
+    """
+
+    def __init__(self, *, max_in_flight: int = 1000, shard_size: int = 32) -> None:
+        shards = max(1, math.ceil(max_in_flight / shard_size))
+        ssl_context = httpx2.create_ssl_context()  # loading the CA store takes tens of ms: once, shared
+        self._shards = [
+            _DeadlinePool(ssl_context=ssl_context, max_connections=max_in_flight, max_keepalive_connections=shard_size)
+            for _ in range(shards)
+        ]
+        self._turn = itertools.count()
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        return self._shards[next(self._turn) % len(self._shards)].handle_request(request)
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.close()

@@ -10,15 +10,14 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings
 from ..errors import LocalModelBusy, ServiceError, UpstreamRejected, UpstreamTimeout
+from ..greenlets import Channel, NativeThread
 from ..metrics import record_attempt
 from .base import Completion, GenerationParams, TextDelta, TokenUsage
 
@@ -57,7 +56,7 @@ class _Watchdog:
     def __init__(self, eos_token: int, deadline_monotonic: float | None) -> None:
         self.eos_token = eos_token
         self.deadline_monotonic = deadline_monotonic
-        self.cancelled = threading.Event()
+        self.cancelled = False  # set by the request's side, read here on the model thread
         self.fired = False
         self.prompt_tokens = 0
         self.samples = 0
@@ -67,11 +66,34 @@ class _Watchdog:
             self.prompt_tokens = len(input_ids)
         self.samples += 1
         past_deadline = self.deadline_monotonic is not None and time.monotonic() >= self.deadline_monotonic
-        if self.fired or past_deadline or self.cancelled.is_set():
+        if self.fired or past_deadline or self.cancelled:
             self.fired = True
             scores[:] = -math.inf
             scores[self.eos_token] = 0.0
         return scores
+
+
+class _Job:
+    """A generation queued for the model thread, withdrawn if it has not started by its deadline."""
+
+    def __init__(self, work: Callable[[Channel], None]) -> None:
+        self._work = work
+        self._claim = [True]  # list.pop is atomic: whichever side pops first, the model thread or withdraw, wins
+        self.results = Channel()
+
+    def run(self) -> None:
+        try:
+            self._claim.pop()
+        except IndexError:
+            return  # withdrawn while it waited
+        self._work(self.results)
+
+    def withdraw(self) -> bool:
+        try:
+            self._claim.pop()
+            return True
+        except IndexError:
+            return False
 
 
 class LocalProvider:
@@ -79,7 +101,8 @@ class LocalProvider:
 
     A llama.cpp context is not thread-safe, and llama.cpp's OpenMP thread team belongs to the thread that
     calls it (a team per calling thread, each spinning, halves throughput), so every generation in a
-    worker runs on that worker's one model thread; request threads queue for it, bounded by the deadline.
+    worker runs on that worker's one model thread, a real OS thread even under gevent (a greenlet running
+    llama.cpp would stop every other request of the worker); requests queue for it, bounded by the deadline.
     """
 
     name = "local"
@@ -89,7 +112,7 @@ class LocalProvider:
         self._settings = settings
         self._model_name = settings.local_model_name
         self._llama: Any = None
-        self._runner: ThreadPoolExecutor | None = None
+        self._runner: NativeThread | None = None
         self._pid: int | None = None
         self._load_lock = threading.Lock()
 
@@ -97,14 +120,14 @@ class LocalProvider:
         configured = self._settings.local_model_path
         return Path(configured) if configured else default_model_path()
 
-    def _runtime(self) -> tuple[Any, ThreadPoolExecutor]:
+    def _runtime(self) -> tuple[Any, NativeThread]:
         """Return this process's model and model thread, made once (the file is mmap'd: workers share it)."""
         pid = os.getpid()
         if self._runner is None or self._pid != pid:
             with self._load_lock:
                 if self._runner is None or self._pid != pid:
-                    runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-model")
-                    self._llama = runner.submit(self._load).result()
+                    runner = NativeThread("local-model")
+                    self._llama = runner.call(self._load)
                     self._runner, self._pid = runner, pid
         return self._llama, self._runner
 
@@ -162,25 +185,35 @@ class LocalProvider:
         return args
 
     @staticmethod
-    def _started_in_time(future: Future[Any], deadline_monotonic: float, poll: Any) -> Any:
-        """Wait for the model thread; a job still queued at the deadline is withdrawn: the model is busy."""
+    def _first(job: _Job, deadline_monotonic: float) -> Any:
+        """Wait for the job's first item; a job still queued at the deadline is withdrawn: the model is busy."""
         try:
-            return poll(max(deadline_monotonic - time.monotonic(), 0.0))
-        except (FutureTimeout, queue.Empty):
-            if future.cancel():
+            return job.results.get(max(deadline_monotonic - time.monotonic(), 0.0))
+        except queue.Empty:
+            if job.withdraw():
                 raise LocalModelBusy(retry_after_s=1.0) from None
-            return poll(None)  # running: its watchdog ends it at the next token
+            return job.results.get()  # running: its watchdog ends it at the next token
 
     def complete(self, params: GenerationParams, deadline_monotonic: float) -> Completion:
         llama, runner = self._runtime()
         watchdog = _Watchdog(llama.token_eos(), deadline_monotonic)
-        future = runner.submit(llama.create_chat_completion, **self._chat_args(params, watchdog, stream=False))
+        args = self._chat_args(params, watchdog, stream=False)
+
+        def work(results: Channel) -> None:
+            try:
+                results.put(llama.create_chat_completion(**args))
+            except Exception as error:  # handed over to the request, which raises it
+                results.put(error)
+
+        job = _Job(work)
+        runner.submit(job.run)
         started = time.monotonic()
-        try:
-            result = self._started_in_time(future, deadline_monotonic, lambda timeout: future.result(timeout))
-        except ValueError as error:
+        result = self._first(job, deadline_monotonic)
+        if isinstance(result, ValueError):
             record_attempt(self.name, params.model, "rejected", time.monotonic() - started)
-            raise _rejected(error) from None
+            raise _rejected(result)
+        if isinstance(result, Exception):
+            raise result
         if watchdog.fired:
             record_attempt(self.name, params.model, "timeout", time.monotonic() - started)
             raise UpstreamTimeout("The local model did not finish before the deadline.", attempts=1)
@@ -198,12 +231,13 @@ class LocalProvider:
         """Yield deltas as the model makes them; the deadline bounds the wait for the model thread."""
         llama, runner = self._runtime()
         watchdog = _Watchdog(llama.token_eos(), time.monotonic() + self._settings.stream_deadline_s)
-        chunks: queue.Queue[Any] = queue.Queue()
-        future = runner.submit(self._pump, llama, self._chat_args(params, watchdog, stream=True), chunks)
+        args = self._chat_args(params, watchdog, stream=True)
+        job = _Job(lambda results: self._pump(llama, args, results))
+        runner.submit(job.run)
         texts: list[str] = []
         finish_reason = None
         try:
-            item = self._started_in_time(future, deadline_monotonic, lambda timeout: chunks.get(timeout=timeout))
+            item = self._first(job, deadline_monotonic)
             while item is not _END:
                 if isinstance(item, Exception):
                     raise _rejected(item) if isinstance(item, ValueError) else item
@@ -213,9 +247,9 @@ class LocalProvider:
                 if piece:
                     texts.append(piece)
                     yield TextDelta(piece)
-                item = chunks.get()
+                item = job.results.get()
         finally:
-            watchdog.cancelled.set()  # a client that went away stops the model at its next token
+            watchdog.cancelled = True  # a client that went away stops the model at its next token
         if watchdog.fired:
             raise UpstreamTimeout("The local model did not finish before STREAM_DEADLINE.", attempts=1)
         # The watchdog saw every sampled token; the one that ended a finished answer is not output.
@@ -228,7 +262,7 @@ class LocalProvider:
         )
 
     @staticmethod
-    def _pump(llama: Any, args: dict[str, Any], chunks: queue.Queue[Any]) -> None:
+    def _pump(llama: Any, args: dict[str, Any], chunks: Channel) -> None:
         """Run a streamed generation on the model thread, handing each chunk to the request thread."""
         try:
             for chunk in llama.create_chat_completion(**args):

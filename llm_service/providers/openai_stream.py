@@ -35,13 +35,14 @@ class OpenStream:
         self.upstream.close()
 
     def _take(self, chunk: Any) -> None:
-        self.model = chunk.model or self.model
-        if chunk.usage is not None:
-            self.usage = token_usage(chunk.usage)
-        for choice in chunk.choices[:1]:
-            self.finish_reason = choice.finish_reason or self.finish_reason
-            if choice.delta and choice.delta.content:
-                self.pending.append(choice.delta.content)
+        self.model = chunk.get("model") or self.model
+        if chunk.get("usage") is not None:
+            self.usage = token_usage(chunk["usage"])
+        for choice in chunk.get("choices", [])[:1]:
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                self.pending.append(content)
 
     def _read_one(self) -> bool:
         chunk = next(self.chunks, None)

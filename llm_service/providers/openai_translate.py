@@ -104,14 +104,14 @@ def translate(error: Exception) -> ServiceError | Retryable:
 
 
 def token_usage(usage: Any) -> TokenUsage | None:
-    """Return the reported token counts; None when the server sent none (some compatible servers don't)."""
+    """Return the reported token counts of a usage JSON object; None when the server sent none."""
     if usage is None:
         return None
-    details = getattr(usage, "prompt_tokens_details", None)
+    details = usage.get("prompt_tokens_details") or {}
     counts = TokenUsage(
-        input=_token_count(usage.prompt_tokens),
-        output=_token_count(usage.completion_tokens),
-        cached_input=_token_count(getattr(details, "cached_tokens", None) or 0),
+        input=_token_count(usage.get("prompt_tokens")),
+        output=_token_count(usage.get("completion_tokens")),
+        cached_input=_token_count(details.get("cached_tokens") or 0),
     )
     if counts.cached_input > counts.input:
         raise ValueError("the upstream reported more cached input tokens than input tokens")

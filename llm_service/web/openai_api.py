@@ -24,6 +24,8 @@ from .sse import sse, stream_response
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 # /v1/models says when each model was "created"; this service lists them from the moment it started.
 STARTED_AT = int(time.time())
+# A fixed text: the caller's model name is never echoed back (it could be anything, of any length).
+MODEL_NOT_SERVED = "This model is not served here; see GET /v1/models."
 
 
 def messages_hash(messages: tuple[Message, ...]) -> str:
@@ -49,7 +51,7 @@ def retrieve_model(model: str) -> Response:
     """Describe one model clients may ask for; 404 model_not_found for any other."""
     current_client()
     if model not in services().catalog.allowed_models:
-        raise ModelNotFound(details={"model": [f"The model {model!r} is not served here; see GET /v1/models."]})
+        raise ModelNotFound(details={"model": [MODEL_NOT_SERVED]})
     return jsonify(model_object(model))
 
 
@@ -61,7 +63,7 @@ def chat_completions() -> Response:
     client = current_client()
     body = load_body(schemas().chat)
     if body["model"] not in svc.catalog.allowed_models:
-        raise ModelNotFound(details={"model": [f"The model {body['model']!r} is not served here; see GET /v1/models."]})
+        raise ModelNotFound(details={"model": [MODEL_NOT_SERVED]})
     messages = tuple(Message(m["role"], m["content"]) for m in body["messages"])
     params = GenerationParams(
         messages=messages,

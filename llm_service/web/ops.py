@@ -29,9 +29,15 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> Response:
-    """Answer 200 only when this instance can serve: backend ready, Redis answering, not shutting down."""
+    """Answer 200 only when this instance can serve: backend ready, not shutting down, Redis as the limits need.
+
+    A Redis outage makes an instance unready only when limits fail closed: with RATE_LIMIT_FAIL_OPEN every
+    instance still serves (without limits), and taking them all out of the load balancer at once would turn a
+    Redis outage into a full one. Such an instance answers 200 and says what is degraded.
+    """
     svc = services()
-    reasons = {}
+    reasons: dict[str, str] = {}
+    degraded: dict[str, str] = {}
     if svc.draining.is_set():
         reasons["shutdown"] = "The instance is shutting down."
     if not svc.provider.is_ready():
@@ -40,9 +46,14 @@ def ready() -> Response:
         try:
             svc.quotas.ping()
         except Exception:
-            reasons["redis"] = "Redis does not answer."
+            if svc.settings.rate_limit_fail_open:
+                degraded["redis"] = "Redis does not answer: serving without limits (RATE_LIMIT_FAIL_OPEN)."
+            else:
+                reasons["redis"] = "Redis does not answer."
     if reasons:
-        raise NotReady(details=reasons)
+        raise NotReady(details={**reasons, **degraded})
+    if degraded:
+        return jsonify(status="ready", provider=svc.provider.name, degraded=degraded)
     return jsonify(status="ready", provider=svc.provider.name)
 
 

@@ -91,10 +91,9 @@ class GenerateRequestSchema(Schema):
         prompt, system = data.get("prompt"), data.get("system")
         length = len(prompt or "") + len(system or "")
         if length > self.max_chars:
-            field = "prompt" if system is None else "_schema"
             raise ValidationError(
                 f"Prompt and system together have {length} characters; the limit is {self.max_chars}.",
-                field_name=field,
+                field_name="prompt",
             )
 
 
@@ -176,3 +175,8 @@ class HealthSchema(Schema):
 class ReadySchema(Schema):
     status = fields.String(required=True)
     provider = fields.String(required=True)
+    degraded = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "What still serves in a lesser way, e.g. redis when limits fail open"},
+    )

@@ -1,0 +1,93 @@
+"""Work that must run on a real OS thread, and time limits, whether or not gevent has patched the process.
+
+Under gunicorn's gevent worker, `threading` and `concurrent.futures` threads are greenlets: CPU-bound C code
+run in one (llama.cpp) would stop every other request of the worker. `NativeThread` runs it on one real
+thread instead and hands results back through a `Channel` that wakes the waiting greenlet without polling.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+
+def gevent_patched() -> bool:
+    """Return whether gevent has monkey-patched this process (gunicorn's gevent worker does, after fork)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
+class Channel:
+    """Items put from the native thread, taken by the request's thread or greenlet, in order."""
+
+    def __init__(self) -> None:
+        self._gevent = gevent_patched()
+        if self._gevent:
+            import gevent
+            import gevent.queue
+
+            self._queue: Any = gevent.queue.Queue()
+            self._loop = gevent.get_hub().loop
+        else:
+            self._queue = queue.Queue()
+
+    def put(self, item: Any) -> None:
+        """Hand `item` over; safe from any thread."""
+        if self._gevent:
+            # gevent's queue belongs to the hub's thread: the hub puts it there and wakes the waiter.
+            self._loop.run_callback_threadsafe(self._queue.put, item)
+        else:
+            self._queue.put(item)
+
+    def get(self, timeout_s: float | None = None) -> Any:
+        """Take the next item, waiting at most `timeout_s`; raise queue.Empty past it."""
+        return self._queue.get(timeout=timeout_s)
+
+
+class NativeThread:
+    """One real OS thread that runs submitted jobs in order (llama.cpp keeps its thread team per calling thread)."""
+
+    def __init__(self, name: str) -> None:
+        if gevent_patched():
+            from gevent.threadpool import ThreadPool
+
+            pool = ThreadPool(1)
+            self._spawn: Callable[..., Any] = pool.spawn
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+            self._spawn = executor.submit
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        """Queue `job` to run on the thread; it reports back through a Channel of its own."""
+        self._spawn(job)
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run `function(*args)` on the thread and return its result (or raise its exception)."""
+        results = Channel()
+
+        def job() -> None:
+            try:
+                results.put((True, function(*args)))
+            except BaseException as error:  # handed to the caller, which raises it
+                results.put((False, error))
+
+        self.submit(job)
+        ok, value = results.get()
+        if not ok:
+            raise value
+        return value
+
+
+def time_limit(seconds: float, error: BaseException) -> AbstractContextManager[None]:
+    """Raise `error` if the block is still running after `seconds` (only under gevent: threads can't be interrupted)."""
+    if not gevent_patched():
+        return nullcontext()
+    import gevent
+
+    timer: AbstractContextManager[None] = gevent.Timeout(seconds, error)
+    return timer

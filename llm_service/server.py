@@ -1,0 +1,105 @@
+"""gunicorn plug-ins (named in gunicorn.conf.py): the gevent worker and the access logger."""
+
+from __future__ import annotations
+
+import re
+import time
+from functools import partial
+from typing import Any
+from urllib.parse import unquote_plus
+
+import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn.glogging import Logger
+from gunicorn.sock import ssl_context
+from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
+
+# Query parameters whose values never reach a log line: a name containing one of these words.
+_SECRET_NAME = re.compile(r"key|token|secret|passw|pwd|auth|signature|credential|session|cookie", re.IGNORECASE)
+_QUERY_PARAM = re.compile(r"([^?&;=\s]+)=([^&;#\s]*)")
+# Request headers gunicorn offers as `{name}i` atoms that carry credentials.
+_SECRET_HEADERS = ("{authorization}i", "{x-api-key}i", "{cookie}i", "{proxy-authorization}i")
+REDACTED = "[REDACTED]"
+
+
+def redact_query(text: str) -> str:
+    """Replace the value of every secret-looking `name=value` pair in a URL, query string or request line."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return f"{name}={REDACTED}" if _SECRET_NAME.search(unquote_plus(name)) else match.group(0)
+
+    return _QUERY_PARAM.sub(replace, text)
+
+
+class AccessLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger, with the access log on only when `accesslog` is set, and secrets redacted from it.
+
+    gunicorn turns its access log on whenever a logging config is given, which this service always gives.
+    """
+
+    @property
+    def access_log_enabled(self) -> bool:
+        return self.cfg.accesslog is not None
+
+    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
+        atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
+        for name in ("r", "q", "f"):  # request line, query string, referer
+            if isinstance(atoms.get(name), str):
+                atoms[name] = redact_query(atoms[name])
+        for name in _SECRET_HEADERS:
+            if name in atoms:
+                atoms[name] = REDACTED
+        return atoms
+
+
+class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
+    """gunicorn's gevent worker, which also stops accepting the moment SIGTERM arrives.
+
+    gunicorn's own checks for SIGTERM once a second and then closes its listening socket; connections the
+    kernel completed meanwhile sit in the backlog and are reset when the last worker closes it. Here the
+    backlog is served first and the socket closed at once, so a new connection is refused, never reset.
+    """
+
+    def run(self) -> None:
+        self._servers = [self._serve(sock) for sock in self.sockets]
+        while self.alive:
+            self.notify()
+            gevent.sleep(1.0)
+        self._stop_accepting()
+        graceful_end = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < graceful_end:
+            if all(server.pool.free_count() == server.pool.size for server in self._servers):
+                return
+            self.notify()
+            gevent.sleep(0.1)
+        self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+        for server in self._servers:
+            server.stop(timeout=1)
+
+    def _serve(self, sock: Any) -> StreamServer:
+        sock.setblocking(1)
+        ssl_args = {"ssl_context": ssl_context(self.cfg)} if self.cfg.is_ssl else {}
+        pool = Pool(self.worker_connections)
+        server = StreamServer(sock, handle=partial(self.handle, sock), spawn=pool, **ssl_args)
+        if self.cfg.workers > 1:
+            server.max_accept = 1  # take one connection per wake-up, so every worker gets its share
+        server.start()
+        return server
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        gevent.spawn(self._stop_accepting)  # out of the signal handler, as gunicorn does for SIGQUIT
+
+    def _stop_accepting(self) -> None:
+        for server in getattr(self, "_servers", []):
+            if server.closed:
+                continue
+            server.stop_accepting()
+            try:
+                while accepted := server.do_read():  # what is already in the backlog is served, not reset
+                    server.do_handle(*accepted)
+            except OSError:
+                pass  # the backlog is empty
+            server.close()
