@@ -19,6 +19,8 @@ PROVIDERS = ("openai", "local")
 LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CACHE_MODES = ("deterministic", "all", "off")
+CACHE_SCOPES = ("client", "shared")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,11 @@ class Settings:
     max_in_flight: int = 1000
     body_timeout_s: float = 10.0
     metrics_token: str | None = field(default=None, repr=False)
+    cache_mode: str = "deterministic"
+    cache_ttl_s: int = 3600
+    cache_max_entries: int = 1000
+    cache_max_entry_bytes: int = 65536
+    cache_scope: str = "client"
 
     def __post_init__(self) -> None:
         if self.default_model is None:
@@ -113,6 +120,10 @@ class Settings:
             problems.append(f"RATE_LIMIT: {error}")
         if self.token_limit is not None and self.token_limit < 1:
             problems.append("TOKEN_LIMIT must be at least 1")
+        if self.cache_mode not in CACHE_MODES:
+            problems.append(f"CACHE_MODE must be one of {', '.join(CACHE_MODES)}")
+        if self.cache_scope not in CACHE_SCOPES:
+            problems.append(f"CACHE_SCOPE must be one of {', '.join(CACHE_SCOPES)}")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             problems.append("REDIS_URL must start with redis://, rediss:// or unix://")
         return problems
@@ -169,6 +180,11 @@ class Settings:
             max_in_flight=reader.integer("MAX_IN_FLIGHT", minimum=1),
             body_timeout_s=reader.number("BODY_TIMEOUT", minimum=0.0, exclusive=True),
             metrics_token=reader.text("METRICS_TOKEN"),
+            cache_mode=(reader.text("CACHE_MODE") or "").lower() or None,
+            cache_ttl_s=reader.integer("CACHE_TTL", minimum=1),
+            cache_max_entries=reader.integer("CACHE_MAX_ENTRIES", minimum=1),
+            cache_max_entry_bytes=reader.integer("CACHE_MAX_ENTRY_BYTES", minimum=1),
+            cache_scope=(reader.text("CACHE_SCOPE") or "").lower() or None,
         )
         # An unset (or bad) value keeps the dataclass's default: the one place each default is written.
         settings = cls(**{name: value for name, value in values.items() if value is not None})
@@ -198,6 +214,10 @@ class Settings:
             "rate_limit_fail_open": self.rate_limit_fail_open,
             "trusted_proxy_hops": self.trusted_proxy_hops,
             "max_in_flight": self.max_in_flight,
+            "cache_mode": self.cache_mode,
+            "cache_store": "off" if self.cache_mode == "off" else "redis" if self.redis_url else "memory",
+            "cache_scope": self.cache_scope if self.api_keys else "shared",
+            "cache_ttl_s": self.cache_ttl_s,
         }
 
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from .cache import (
+    BYPASS_OFF,
+    NO_DIRECTIVES,
+    CachedAnswer,
+    CacheDirectives,
+    CacheStatus,
+    ResponseCache,
+    Ticket,
+    describe,
+    replay_pieces,
+)
 from .clients import Client
 from .errors import RateWindow, ServiceError
 from .pricing import PriceTable
@@ -26,6 +38,12 @@ class Generation:
     provider: str
     cost_usd: Decimal | None
     latency_ms: float
+    cache: CacheStatus = BYPASS_OFF
+
+    @property
+    def cached(self) -> bool:
+        """Return whether the answer came from the cache."""
+        return self.cache.result == "hit"
 
     def metadata(self) -> dict[str, Any]:
         """Return the native API's metadata object."""
@@ -33,7 +51,7 @@ class Generation:
         tokens = None if usage is None else {"input": usage.input, "output": usage.output, "total": usage.total}
         if usage is not None and usage.cached_input:
             tokens = {**(tokens or {}), "cached_input": usage.cached_input}
-        return {
+        metadata = {
             "model": self.completion.model,
             "provider": self.provider,
             "finish_reason": self.completion.finish_reason,
@@ -41,7 +59,12 @@ class Generation:
             "tokens": tokens,
             "cost_usd": None if self.cost_usd is None else float(self.cost_usd),
             "latency_ms": self.latency_ms,
+            "cached": self.cached,
         }
+        if self.cached:
+            saved = self.cache.cost_saved_usd
+            metadata["cost_saved_usd"] = None if saved is None else float(saved)
+        return metadata
 
     def log_fields(self) -> dict[str, Any]:
         """Return the summary-log fields this generation adds: counts, never text."""
@@ -58,6 +81,7 @@ class Generation:
             "cost_usd": None if self.cost_usd is None else float(self.cost_usd),
             "attempts": self.completion.attempts,
             "upstream_request_id": self.completion.upstream_request_id,
+            **describe(self.cache),
         }
 
 
@@ -66,6 +90,7 @@ class GenerationStream:
 
     def __init__(self, run: Callable[[GenerationStream], Iterator[TextDelta | Generation]]) -> None:
         self.generation: Generation | None = None
+        self.cache = BYPASS_OFF  # known once the first item is: how the cache takes part
         # Set when the stream ended without a usage report and was charged an estimate instead.
         self.estimate: dict[str, Any] | None = None
         self._items = run(self)  # a generator: nothing runs before the first item is asked for
@@ -86,39 +111,107 @@ class GenerationStream:
         """Return the summary-log fields of the stream so far: the generation's, or the estimate charged."""
         if self.generation is not None:
             return self.generation.log_fields()
-        return dict(self.estimate or {})
+        return {**describe(self.cache), **(self.estimate or {})}
 
 
 class GenerationService:
     """Turns validated requests into priced generations through one provider, within the client's quotas."""
 
-    def __init__(self, provider: Provider, prices: PriceTable, quotas: QuotaGuard, *, deadline_s: float) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        prices: PriceTable,
+        quotas: QuotaGuard,
+        *,
+        deadline_s: float,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self.provider = provider
         self.prices = prices
         self.quotas = quotas
         self.deadline_s = deadline_s
+        self.cache = cache or ResponseCache.disabled()
 
     def deadline(self, started_monotonic: float) -> float:
         """Return the monotonic time by which the whole request must be answered."""
         return started_monotonic + self.deadline_s
 
     def generate(
-        self, client: Client, params: GenerationParams, started_monotonic: float, on_admit: OnAdmit = None
+        self,
+        client: Client,
+        params: GenerationParams,
+        started_monotonic: float,
+        on_admit: OnAdmit = None,
+        directives: CacheDirectives = NO_DIRECTIVES,
     ) -> Generation:
-        """Admit the request within the client's quotas, generate before the deadline, price it, settle."""
-        reservation = self._admit(client, params, on_admit)
+        """Answer from the cache, or admit the request within the client's quotas, generate, price, settle, store."""
+        ticket = self.cache.ticket(client, params, directives)
         try:
-            completion = self.provider.complete(params, self.deadline(started_monotonic))
-        except ServiceError:
-            self.quotas.release(reservation)
-            raise
-        return self._settled(completion, params, reservation, started_monotonic)
+            answer = ticket.find(self.deadline(started_monotonic))
+            if answer is not None:
+                return self._hit(client, answer, ticket.status, started_monotonic, on_admit)
+            reservation = self._admit(client, params, on_admit)
+            try:
+                completion = self.provider.complete(params, self.deadline(started_monotonic))
+            except ServiceError:
+                self.quotas.release(reservation)
+                raise
+            return self._stored(ticket, self._settled(completion, params, reservation, started_monotonic))
+        finally:
+            ticket.close()  # requests waiting for this answer look it up now, or one of them takes over
 
     def stream(
-        self, client: Client, params: GenerationParams, started_monotonic: float, on_admit: OnAdmit = None
+        self,
+        client: Client,
+        params: GenerationParams,
+        started_monotonic: float,
+        on_admit: OnAdmit = None,
+        directives: CacheDirectives = NO_DIRECTIVES,
     ) -> GenerationStream:
-        """Return a stream that is admitted on its first item, yields deltas, then the priced Generation."""
-        return GenerationStream(lambda out: self._stream(out, client, params, started_monotonic, on_admit))
+        """Return a stream that is answered or admitted on its first item, yields deltas, then the Generation."""
+        return GenerationStream(
+            lambda out: self._cached_stream(out, client, params, started_monotonic, on_admit, directives)
+        )
+
+    def _hit(
+        self, client: Client, answer: CachedAnswer, status: CacheStatus, started_monotonic: float, on_admit: OnAdmit
+    ) -> Generation:
+        """Answer from the cache: counted against the request limit, not against tokens or budget (nothing is spent)."""
+        request_window = self.quotas.hit(client)
+        if on_admit is not None:
+            on_admit(request_window)
+        latency_ms = round((time.monotonic() - started_monotonic) * 1000, 1)
+        return Generation(answer.completion, self.provider.name, Decimal(0), latency_ms, status)
+
+    @staticmethod
+    def _stored(ticket: Ticket, generation: Generation) -> Generation:
+        """Store a fresh answer for the requests that repeat it; return it with how the cache took part."""
+        ticket.store(generation.completion, generation.cost_usd)
+        return dataclasses.replace(generation, cache=ticket.status)
+
+    def _cached_stream(
+        self,
+        out: GenerationStream,
+        client: Client,
+        params: GenerationParams,
+        started_monotonic: float,
+        on_admit: OnAdmit,
+        directives: CacheDirectives,
+    ) -> Iterator[TextDelta | Generation]:
+        """Replay a cached answer as a stream, or stream a fresh one and store it once it is complete."""
+        ticket = self.cache.ticket(client, params, directives)
+        try:
+            answer = ticket.find(self.deadline(started_monotonic))
+            out.cache = ticket.status
+            if answer is not None:
+                out.generation = self._hit(client, answer, ticket.status, started_monotonic, on_admit)
+                for piece in replay_pieces(answer.completion.text):
+                    yield TextDelta(piece)
+                yield out.generation
+                return
+            yield from self._stream(out, ticket, client, params, started_monotonic, on_admit)
+        finally:
+            ticket.close()
 
     def _admit(self, client: Client, params: GenerationParams, on_admit: OnAdmit) -> Reservation:
         """Reserve the client's budget and tokens and count the request; tell `on_admit` the request limit."""
@@ -130,6 +223,7 @@ class GenerationService:
     def _stream(
         self,
         out: GenerationStream,
+        ticket: Ticket,
         client: Client,
         params: GenerationParams,
         started_monotonic: float,
@@ -144,8 +238,10 @@ class GenerationService:
                 if isinstance(item, TextDelta):
                     deltas += 1
                     yield item
-                else:
-                    out.generation = self._settled(item, params, reservation, started_monotonic)
+                else:  # the stream is complete (never a truncated one): stored for streams and plain requests
+                    settled = self._settled(item, params, reservation, started_monotonic)
+                    out.generation = self._stored(ticket, settled)
+                    out.cache = out.generation.cache
                     yield out.generation
         except ServiceError:
             if not deltas:  # nothing was generated: give the reservation back

@@ -49,6 +49,12 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ["model"],
     buckets=TTFT_BUCKETS_S,
 )
+CACHE_REQUESTS = Counter(
+    "llm_cache_requests_total",
+    "Generation requests by how the response cache took part: hit, miss, bypass, or unavailable (store down).",
+    ["result"],
+)
+COST_SAVED = Counter("llm_cost_saved_usd_total", "What cache hits would have cost, USD.", ["model", "client"])
 REJECTED = Counter("llm_rejected_total", "Requests refused before reaching the backend.", ["reason"])
 
 # Error codes that mean the service refused the request itself, by rejection reason.
@@ -75,10 +81,16 @@ def record_request(endpoint: str, model: str, client: str, fields: dict[str, Any
     reason = REJECTION_REASONS.get(fields.get("error_code") or "")
     if reason:
         REJECTED.labels(reason).inc()
-    for kind in ("input", "cached_input", "output"):
-        count = fields.get(f"tokens_{kind}")
-        if count:
-            TOKENS.labels(model, kind).inc(count)
+    cache = fields.get("cache")
+    if cache is not None:
+        CACHE_REQUESTS.labels("unavailable" if fields.get("cache_reason") == "unavailable" else cache).inc()
+        if fields.get("cost_saved_usd"):
+            COST_SAVED.labels(model, client).inc(fields["cost_saved_usd"])
+    if cache != "hit":  # a hit's tokens are the original answer's: the backend produced none now
+        for kind in ("input", "cached_input", "output"):
+            count = fields.get(f"tokens_{kind}")
+            if count:
+                TOKENS.labels(model, kind).inc(count)
     if fields.get("cost_usd"):
         COST.labels(model, client).inc(fields["cost_usd"])
     if fields.get("time_to_first_token_ms") is not None:

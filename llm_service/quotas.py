@@ -27,7 +27,7 @@ import redis.exceptions
 
 from .clients import Client, ClientLimits, ClientPolicy
 from .config import Settings
-from .counters import Counters, MemoryCounters, RedisCounters
+from .counters import Counters, MemoryCounters, RedisCounters, connect_redis
 from .errors import (
     BudgetExceeded,
     InvalidRequest,
@@ -44,7 +44,6 @@ log = logging.getLogger("llm_service.quotas")
 PICO_USD_PER_USD = Decimal(10**12)  # spend is counted in whole pico-dollars: exact integer sums
 TOKEN_WINDOW_S = 60
 SPEND_TTL_S = 2 * 86400  # a day's spend outlives its day, so a request settling after midnight finds it
-REDIS_TIMEOUT_S = 0.5  # a Redis that does not answer must not hold requests up for long
 STORAGE_ERRORS = (limits.errors.StorageError, redis.exceptions.RedisError, OSError)
 
 
@@ -103,13 +102,7 @@ class QuotaGuard:
         self.counters: Counters
         storage: limits.storage.Storage
         if settings.redis_url:
-            # Heroku Redis serves TLS with a self-signed certificate: REDIS_TLS_VERIFY=false keeps the
-            # encryption and skips only the certificate check. A redis:// URL has no TLS to relax.
-            relax = not settings.redis_tls_verify and settings.redis_url.startswith("rediss://")
-            tls = {"ssl_cert_reqs": "none"} if relax else {}
-            client = redis.Redis.from_url(
-                settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, **tls
-            )
+            client = connect_redis(settings.redis_url, settings.redis_tls_verify)
             storage = limits.storage.RedisStorage(
                 settings.redis_url, connection_pool=client.connection_pool, wrap_exceptions=True
             )

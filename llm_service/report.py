@@ -1,4 +1,4 @@
-"""Summarise the service's JSON logs: traffic, errors, latency, tokens and cost.
+"""Summarise the service's JSON logs: traffic, errors, latency, tokens, cost, and what the cache saved.
 
     python -m llm_service.report service.log          # or: ... | python -m llm_service.report
     python -m llm_service.report --json service.log   # for machines
@@ -6,6 +6,7 @@
 Reads the one summary line per request (logger llm_service.request) and skips everything else, including
 lines that are not JSON; a prefix before the JSON object (as `heroku logs` adds) is ignored.
 Percentiles are nearest-rank: p95 is the smallest latency that at least 95% of requests do not exceed.
+Tokens count what the backend produced: a cache hit's tokens (the original answer's) are left out.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def build_report(records: Iterable[dict[str, Any]], slowest: int = 5) -> dict[st
     errors = Counter(r["error_code"] for r in records if r.get("error_code"))
     statuses = Counter(str(r.get("status")) for r in records)
     latencies = sorted(float(r["latency_ms"]) for r in records if r.get("latency_ms") is not None)
-    tokens = {kind: sum(int(r.get(f"tokens_{kind}") or 0) for r in records) for kind in ("input", "output", "total")}
+    produced = [r for r in records if r.get("cache") != "hit"]
+    tokens = {kind: sum(int(r.get(f"tokens_{kind}") or 0) for r in produced) for kind in ("input", "output", "total")}
     cost_by_model: dict[str, Decimal] = defaultdict(Decimal)
     cost_by_client: dict[str, Decimal] = defaultdict(Decimal)
     for record in records:
@@ -68,6 +70,15 @@ def build_report(records: Iterable[dict[str, Any]], slowest: int = 5) -> dict[st
             cost = Decimal(str(record["cost_usd"]))  # summed exactly, as the service priced it
             cost_by_model[record.get("model") or "unknown"] += cost
             cost_by_client[record.get("client") or "anonymous"] += cost
+    cache = Counter(r["cache"] for r in records if r.get("cache"))
+    saved_by_model: dict[str, Decimal] = defaultdict(Decimal)
+    saved_by_client: dict[str, Decimal] = defaultdict(Decimal)
+    for record in records:
+        if record.get("cost_saved_usd"):
+            saved = Decimal(str(record["cost_saved_usd"]))
+            saved_by_model[record.get("model") or "unknown"] += saved
+            saved_by_client[record.get("client") or "anonymous"] += saved
+    looked_up = cache["hit"] + cache["miss"]
     ordered = sorted(records, key=lambda r: float(r.get("latency_ms") or 0), reverse=True)
     return {
         "requests": total,
@@ -88,6 +99,15 @@ def build_report(records: Iterable[dict[str, Any]], slowest: int = 5) -> dict[st
             "total": _money(sum(cost_by_model.values(), Decimal(0))),
             "by_model": {m: _money(c) for m, c in sorted(cost_by_model.items(), key=lambda kv: -kv[1])},
             "by_client": {c: _money(v) for c, v in sorted(cost_by_client.items(), key=lambda kv: -kv[1])},
+        },
+        "cache": {
+            "hits": cache["hit"],
+            "misses": cache["miss"],
+            "bypassed": cache["bypass"],
+            "hit_rate": round(cache["hit"] / looked_up, 4) if looked_up else 0.0,
+            "saved_usd": _money(sum(saved_by_model.values(), Decimal(0))),
+            "saved_by_model": {m: _money(c) for m, c in sorted(saved_by_model.items(), key=lambda kv: -kv[1])},
+            "saved_by_client": {c: _money(v) for c, v in sorted(saved_by_client.items(), key=lambda kv: -kv[1])},
         },
         "slowest": [
             {key: r.get(key) for key in ("request_id", "latency_ms", "status", "path", "model", "client", "error_code")}
@@ -112,6 +132,16 @@ def render_text(report: dict[str, Any]) -> str:
         if cost[key]:
             lines.append(title)
             lines.extend(f"    {name:26} {value:.8f}" for name, value in cost[key].items())
+    cache = report["cache"]
+    lines.append(
+        f"cache           hits {cache['hits']}  misses {cache['misses']}  bypassed {cache['bypassed']}"
+        f"  hit rate {cache['hit_rate']:.2%}"
+    )
+    lines.append(f"saved USD       {cache['saved_usd']:.8f}")
+    for title, key in (("  by model", "saved_by_model"), ("  by client", "saved_by_client")):
+        if cache[key]:
+            lines.append(title)
+            lines.extend(f"    {name:26} {value:.8f}" for name, value in cache[key].items())
     if report["slowest"]:
         lines.append("slowest")
         for r in report["slowest"]:

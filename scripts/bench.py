@@ -18,6 +18,9 @@
    (the excess 503 `overloaded` at once, nothing else fails); 300 slowloris + 300 idle keep-alive + 150
    never-closing clients held open (fresh /health < 200 ms, a /generate succeeds, no worker killed).
    With --candidates, the same 1,000 /generate on gthread workers (THREADS=64, the old default, and 512).
+6. cache: p50 latency of a response-cache hit next to a miss, one request at a time on an instant
+   upstream, with the cache in worker memory and in Redis (when one answers on REDIS_URL or
+   127.0.0.1:6379) (target: a hit is faster than a miss in each).
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -242,6 +247,61 @@ def bench_memory(workdir: Path) -> dict[str, Any]:
     return results
 
 
+def timed_posts_ms(port: int, bodies: list[dict[str, Any]]) -> tuple[list[float], list[str]]:
+    """POST each body in turn over one keep-alive connection; return round trips in ms and X-Cache values."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    times, results = [], []
+    for body in bodies:
+        started = time.perf_counter()
+        conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        times.append((time.perf_counter() - started) * 1000)
+        assert response.status == 200, response.status
+        results.append(response.getheader("X-Cache") or "")
+    conn.close()
+    return times, results
+
+
+def bench_cache(requests: int, workdir: Path) -> dict[str, Any]:
+    import redis
+
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    stores = {"memory": {}}
+    try:
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+        stores["redis"] = {"REDIS_URL": redis_url}
+    except redis.exceptions.RedisError:
+        pass  # no Redis here: the memory store alone
+    results: dict[str, Any] = {}
+    with FakeUpstream(0.0) as upstream:
+        for store, extra in stores.items():
+            env = {
+                "OPENAI_API_KEY": "sk-bench",
+                "OPENAI_BASE_URL": upstream.url,
+                "RATE_LIMIT": NO_LIMIT,
+                "WEB_CONCURRENCY": "1",  # one worker: its memory holds every entry, as Redis does
+                **extra,
+            }
+            run = uuid.uuid4().hex  # fresh prompts per run: a shared Redis may hold earlier runs' entries
+            repeated = {"prompt": f"Say hello {run}.", "temperature": 0}
+            with Service(env, workdir / f"cache-{store}.log") as service:
+                timed_posts_ms(service.port, [repeated] * 50)  # warm up; the entry is stored
+                misses, hits = [], []
+                for block in range(max(requests // 100, 1)):  # interleaved, so drift hits both alike
+                    fresh = [{"prompt": f"Say hello {run} {block} {i}.", "temperature": 0} for i in range(50)]
+                    miss_ms, miss_results = timed_posts_ms(service.port, fresh)
+                    hit_ms, hit_results = timed_posts_ms(service.port, [repeated] * 50)
+                    assert set(miss_results) == {"MISS"} and set(hit_results) == {"HIT"}, (miss_results, hit_results)
+                    misses.extend(miss_ms)
+                    hits.extend(hit_ms)
+            results[f"{store}_requests_each"] = len(hits)
+            results[f"{store}_miss_p50_ms"] = round(p50(misses), 2)
+            results[f"{store}_hit_p50_ms"] = round(p50(hits), 2)
+    results["target_met"] = all(results[f"{store}_hit_p50_ms"] < results[f"{store}_miss_p50_ms"] for store in stores)
+    return results
+
+
 class AsyncUpstream(FakeUpstream):
     """scripts/async_upstream.py in its own process: one event loop answering thousands of calls at once."""
 
@@ -386,14 +446,19 @@ async def hostile(port: int) -> dict[str, Any]:
     }
 
 
+PARTS = ("overhead", "concurrency", "local", "memory", "capacity", "cache")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["overhead", "concurrency", "local", "memory", "capacity"], action="append")
+    parser.add_argument(
+        "--only", choices=["overhead", "concurrency", "local", "memory", "capacity", "cache"], action="append"
+    )
     parser.add_argument("--candidates", action="store_true", help="capacity: also measure gthread workers")
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests for the overhead run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    chosen = args.only or ["overhead", "concurrency", "local", "memory", "capacity"]
+    chosen = args.only or list(PARTS)
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -405,8 +470,12 @@ def main() -> int:
             report["local"] = bench_local(10, 128, workdir)
         if "memory" in chosen:
             report["memory"] = bench_memory(workdir)
+        if "cache" in chosen:
+            report["cache"] = bench_cache(args.requests, workdir)
         if "capacity" in chosen:
             report["capacity"] = bench_capacity(workdir, args.candidates)
+        if "cache" in chosen:
+            report["cache"] = bench_cache(args.requests, workdir)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -32,6 +32,7 @@ class Reply:
     chunks: list[str] = field(default_factory=list)
     chunk_interval_s: float = 0.0
     fail_after_chunks: int | None = None
+    finish_reason: str = "stop"
 
 
 def ok(text: str = "Hello from the fake upstream.", **kwargs: Any) -> Reply:
@@ -245,7 +246,9 @@ def completion(reply: Reply, request_body: dict[str, Any]) -> dict[str, Any]:
         "object": "chat.completion",
         "created": 0,
         "model": reply.model or request_body.get("model", "gpt-4o-mini"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": "stop"}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": reply.finish_reason}
+        ],
         "usage": usage_of(reply),
     }
 

@@ -115,6 +115,8 @@ def test_every_metric_the_dashboard_queries_is_exported(service: Service, upstre
     service.generate({"prompt": "Hi"})
     service.request("POST", "/generate", {"prompt": "Hi", "stream": True})
     service.generate({"prompt": ""})  # a rejection
+    for _ in range(4):  # temperature 0 is cached; four requests on three workers, so at least one is a hit
+        service.generate({"prompt": "Cached?", "temperature": 0})
     exported = set(scrape(service))
     queried = set()
     for panel in json.loads(DASHBOARD.read_text())["panels"]:

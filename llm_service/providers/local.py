@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -131,12 +132,10 @@ class LocalProvider:
         return self._llama, self._runner
 
     def _load(self) -> Any:
-        from llama_cpp import Llama
-
         path = self.model_path()
         started = time.monotonic()
         threads = self._settings.local_threads or None
-        llama = Llama(
+        llama = _reproducible_llama()(
             model_path=str(path),
             n_ctx=self._settings.local_context_tokens,
             n_threads=threads,
@@ -169,7 +168,8 @@ class LocalProvider:
             "messages": params.chat_messages(),
             "max_tokens": params.max_tokens,
             "repeat_penalty": self._settings.local_repeat_penalty,
-            "seed": SEED if params.seed is None else params.seed,
+            # A fresh seed per request unless the request gives one: then the same request samples the same text.
+            "seed": secrets.randbelow(2**31) if params.seed is None else params.seed,
             "logits_processor": LogitsProcessorList([watchdog]),
             "stream": stream,
         }
@@ -274,6 +274,24 @@ class LocalProvider:
 
 
 _END = object()
+
+
+def _reproducible_llama() -> Any:
+    """Return llama_cpp's Llama made to evaluate every prompt from an empty KV cache.
+
+    Llama reuses the KV cache of the previous prompt's common prefix, and logits computed in other
+    batches differ in the last bits: at temperature 0 the same request then answered differently by
+    what the worker had served before. Evaluating the whole prompt each time costs a few ms on short
+    prompts (see README, Cache) and makes temperature 0 a function of the request.
+    """
+    from llama_cpp import Llama
+
+    class ReproducibleLlama(Llama):
+        def generate(self, *args: Any, **kwargs: Any) -> Any:
+            self.reset()  # type: ignore[no-untyped-call]  # no prefix of an earlier prompt is reused
+            return super().generate(*args, **kwargs)
+
+    return ReproducibleLlama
 
 
 def _response_format(requested: dict[str, Any] | None) -> dict[str, Any] | None:

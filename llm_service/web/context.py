@@ -7,7 +7,10 @@ from typing import Any
 
 from flask import current_app, request
 from marshmallow import Schema, ValidationError
+from werkzeug.datastructures import RequestCacheControl
+from werkzeug.http import parse_cache_control_header
 
+from ..cache import CacheDirectives
 from ..clients import Client
 from ..errors import InvalidRequest, Unauthorized
 from ..startup import Services
@@ -39,6 +42,13 @@ def current_client() -> Client:
         client = Client(name, request.remote_addr)
     current_record().fields["client"] = client.label
     return client
+
+
+def cache_directives() -> CacheDirectives:
+    """Return what the request's Cache-Control asks of the response cache (directive names in any case)."""
+    header = request.headers.get("Cache-Control", "").lower()
+    control = parse_cache_control_header(header, cls=RequestCacheControl)
+    return CacheDirectives(no_cache=bool(control.no_cache), no_store=bool(control.no_store), max_age_s=control.max_age)
 
 
 def load_body(schema: Schema) -> dict[str, Any]:

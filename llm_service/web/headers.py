@@ -1,11 +1,20 @@
-"""Rate-limit headers in each API's own spelling."""
+"""Rate-limit headers in each API's own spelling, and the cache's headers."""
 
 from __future__ import annotations
 
 import math
 import time
 
+from ..cache import CacheStatus
 from ..errors import RateWindow
+
+
+def cache_headers(status: CacheStatus) -> dict[str, str]:
+    """Return X-Cache (HIT, MISS or BYPASS) and, on a hit, Age: the cached answer's age in seconds."""
+    headers = {"X-Cache": status.header}
+    if status.age_s is not None:
+        headers["Age"] = str(status.age_s)
+    return headers
 
 
 def native_rate_headers(window: RateWindow | None) -> dict[str, str]:

@@ -10,8 +10,9 @@ from flask import Blueprint, Response, jsonify
 from ..errors import ServiceError
 from ..generation import Generation
 from ..providers.base import GenerationParams
-from .context import current_client, load_body, schemas, services
+from .context import cache_directives, current_client, load_body, schemas, services
 from .errors import envelope
+from .headers import cache_headers
 from .record import current_record
 from .sse import sse, stream_response
 
@@ -50,13 +51,17 @@ def generate() -> Response:
         prompt_hash=prompt_hash(body["prompt"]),
         prompt_length=params.input_chars,
     )
+    directives = cache_directives()
     if body["stream"]:
-        return stream_response(
-            record, svc.generation.stream(client, params, record.started_monotonic, record.admitted), NativeWire()
-        )
-    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted)
+        stream = svc.generation.stream(client, params, record.started_monotonic, record.admitted, directives)
+        response = stream_response(record, stream, NativeWire())
+        response.headers.update(cache_headers(stream.cache))
+        return response
+    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted, directives)
     record.fields.update(result.log_fields())
-    return jsonify(request_id=record.request_id, output=result.completion.text, metadata=result.metadata())
+    response = jsonify(request_id=record.request_id, output=result.completion.text, metadata=result.metadata())
+    response.headers.update(cache_headers(result.cache))
+    return response
 
 
 class NativeWire:

@@ -14,8 +14,9 @@ from flask import Blueprint, Response, jsonify
 from ..errors import ModelNotFound, ServiceError
 from ..generation import Generation
 from ..providers.base import GenerationParams, Message
-from .context import current_client, load_body, schemas, services
+from .context import cache_directives, current_client, load_body, schemas, services
 from .errors import openai_envelope
+from .headers import cache_headers
 from .openai_schemas import DEFAULT_MAX_TOKENS
 from .record import current_record
 from .sse import sse, stream_response
@@ -83,19 +84,20 @@ def chat_completions() -> Response:
     )
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    directives = cache_directives()
     if body["stream"]:
         include_usage = bool((body["stream_options"] or {}).get("include_usage"))
         wire = ChunkWire(completion_id, created, params.model, include_usage)
-        response = stream_response(
-            record, svc.generation.stream(client, params, record.started_monotonic, record.admitted), wire
-        )
+        stream = svc.generation.stream(client, params, record.started_monotonic, record.admitted, directives)
+        response = stream_response(record, stream, wire)
+        response.headers.update(cache_headers(stream.cache))
         record.token_window = svc.quotas.token_window(client)  # after the reservation, for x-ratelimit-*-tokens
         return response
-    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted)
+    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted, directives)
     record.fields.update(result.log_fields())
     record.token_window = svc.quotas.token_window(client)
     completion = result.completion
-    return jsonify(
+    response = jsonify(
         id=completion_id,
         object="chat.completion",
         created=created,
@@ -110,6 +112,8 @@ def chat_completions() -> Response:
         ],
         usage=usage(result),
     )
+    response.headers.update(cache_headers(result.cache))
+    return response
 
 
 def usage(generation: Generation) -> dict[str, Any] | None:

@@ -115,6 +115,10 @@ class MetadataSchema(Schema):
     tokens = fields.Nested(TokensSchema, required=True, allow_none=True)
     cost_usd = fields.Float(required=True, allow_none=True)
     latency_ms = fields.Float(required=True)
+    cached = fields.Boolean(required=True, metadata={"description": "whether the answer came from the cache"})
+    cost_saved_usd = fields.Float(
+        allow_none=True, metadata={"description": "on a cache hit: what the original answer cost"}
+    )
 
 
 class GenerateResponseSchema(Schema):
