@@ -58,7 +58,11 @@ def image(podman: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Build the image from a copy of the checkout with a .env holding a secret, as a developer's might."""
     context = tmp_path_factory.mktemp("context") / "repo"
     shutil.copytree(
-        ROOT, context, ignore=shutil.ignore_patterns(".git", ".venv", "*cache*", "__pycache__", ".env", "*.log")
+        ROOT,
+        context,
+        ignore=shutil.ignore_patterns(  # tool caches by name: a "*cache*" pattern also dropped llm_service/cache.py
+            ".git", ".venv", "node_modules", ".*_cache", "__pycache__", ".env", "*.log"
+        ),
     )
     (context / ".env").write_text(f"OPENAI_API_KEY={PLANTED_SECRET}\n")
     tag = f"localhost/llm-service:test-{uuid.uuid4().hex[:8]}"
