@@ -13,7 +13,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from ..errors import Overloaded, RequestTimeout, ServiceError
 from ..greenlets import time_limit
 from ..metrics import REJECTED
 from .errors import envelope, openai_envelope
-from .record import REQUEST_ID_HEADER, VALID_REQUEST_ID
+from .record import REQUEST_ID_HEADER, request_id_from
 
 log = logging.getLogger("llm_service.admission")
 
@@ -117,8 +116,7 @@ class _Released:
 
 
 def _refuse(error: ServiceError, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-    incoming = environ.get("HTTP_X_REQUEST_ID", "")
-    request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID", ""))
     if str(environ.get("PATH_INFO", "")).startswith("/v1/"):  # each API answers in its own error shape
         document = openai_envelope(error.status, error.code, error.message)
     else:

@@ -24,7 +24,7 @@ from .headers import native_rate_headers, openai_rate_headers
 log = logging.getLogger("llm_service.request")
 
 REQUEST_ID_HEADER = "X-Request-ID"
-VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Paths polled by load balancers and scrapers: their summary lines go to DEBUG, not INFO.
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 # Methods that probe rather than use the API (CORS preflights, link checkers, HEAD health checks): no
@@ -109,10 +109,14 @@ def current_record() -> RequestRecord:
     return g.record  # type: ignore[no-any-return]
 
 
+def request_id_from(incoming: str) -> str:
+    """Return the caller's request id when it is safe to log and echo, else a new one."""
+    return incoming if _VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+
+
 def start_request() -> None:
     """Take the caller's request id when it is safe, else make one; start the clock."""
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER, ""))
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
     record = RequestRecord(request_id, request.method, request.path, endpoint, time.monotonic())
     record._request_id_token = request_id_var.set(request_id)
