@@ -50,9 +50,14 @@ def models() -> Response:
 def retrieve_model(model: str) -> Response:
     """Describe one model clients may ask for; 404 model_not_found for any other."""
     current_client()
+    require_served(model)
+    return jsonify(model_object(model))
+
+
+def require_served(model: str) -> None:
+    """Raise 404 model_not_found unless `model` is one clients may ask for."""
     if model not in services().catalog.allowed_models:
         raise ModelNotFound(details={"model": [MODEL_NOT_SERVED]})
-    return jsonify(model_object(model))
 
 
 @bp.post("/chat/completions")
@@ -62,8 +67,7 @@ def chat_completions() -> Response:
     record = current_record()
     client = current_client()
     body = load_body(schemas().chat)
-    if body["model"] not in svc.catalog.allowed_models:
-        raise ModelNotFound(details={"model": [MODEL_NOT_SERVED]})
+    require_served(body["model"])
     messages = tuple(Message(m["role"], m["content"]) for m in body["messages"])
     params = GenerationParams(
         messages=messages,
