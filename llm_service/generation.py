@@ -180,8 +180,7 @@ class GenerationService:
         request_window = self.quotas.hit(client)
         if on_admit is not None:
             on_admit(request_window)
-        latency_ms = round((time.monotonic() - started_monotonic) * 1000, 1)
-        return Generation(answer.completion, self.provider.name, Decimal(0), latency_ms, status)
+        return Generation(answer.completion, self.provider.name, Decimal(0), _elapsed_ms(started_monotonic), status)
 
     @staticmethod
     def _stored(ticket: Ticket, generation: Generation) -> Generation:
@@ -272,9 +271,8 @@ class GenerationService:
     ) -> Generation:
         usage = completion.usage
         cost_usd = None if usage is None else self._cost_usd(usage, completion.model, params.model)
-        latency_ms = round((time.monotonic() - started_monotonic) * 1000, 1)
         self.quotas.settle(reservation, None if usage is None else usage.total, cost_usd)
-        return Generation(completion, self.provider.name, cost_usd, latency_ms)
+        return Generation(completion, self.provider.name, cost_usd, _elapsed_ms(started_monotonic))
 
     def _cost_usd(self, usage: TokenUsage, *models: str) -> Decimal | None:
         """Price `usage` by the first of `models` the table knows, else at the provider's unpriced cost."""
@@ -283,3 +281,8 @@ class GenerationService:
             price, input_tokens=usage.input, cached_input_tokens=usage.cached_input, output_tokens=usage.output
         )
         return self.provider.unpriced_cost_usd if cost_usd is None else cost_usd
+
+
+def _elapsed_ms(started_monotonic: float) -> float:
+    """Return the milliseconds since `started_monotonic`, to a tenth."""
+    return round((time.monotonic() - started_monotonic) * 1000, 1)
