@@ -95,14 +95,17 @@ def _seconds_to_utc_midnight(now: datetime) -> float:
 class QuotaGuard:
     """Admit or refuse a client's request, and account for what it used."""
 
-    def __init__(self, settings: Settings, clients: ClientPolicy, prices: PriceTable) -> None:
+    def __init__(
+        self, settings: Settings, clients: ClientPolicy, prices: PriceTable, redis_client: redis.Redis | None = None
+    ) -> None:
+        """Count in Redis when REDIS_URL is set (through `redis_client` if given, sharing its pool), else here."""
         self.clients = clients
         self.prices = prices  # the most a request can cost is reserved against its client's budget
         self.fail_open = settings.rate_limit_fail_open
         self.counters: Counters
         storage: limits.storage.Storage
         if settings.redis_url:
-            client = connect_redis(settings.redis_url, settings.redis_tls_verify)
+            client = redis_client or connect_redis(settings.redis_url, settings.redis_tls_verify)
             storage = limits.storage.RedisStorage(
                 settings.redis_url, connection_pool=client.connection_pool, wrap_exceptions=True
             )

@@ -14,6 +14,8 @@ from .config import ConfigError, Settings, check_rate_limit, redact_url
 from .pricing import PriceTable, PricingError, parse_price_table, shipped_price_table, with_overrides
 
 if TYPE_CHECKING:  # imported where the services are built, in each worker: see build_services
+    from redis import Redis
+
     from .cache import ResponseCache
     from .generation import GenerationService
     from .providers.base import Provider
@@ -109,30 +111,32 @@ def build_services(settings: Settings, catalog: Catalog) -> Services:
     """Build the backend, the limits and the generation use-case, and warm the backend up."""
     # Imported here, not at the top: gunicorn's master reads settings through load_env before it forks
     # gevent workers, and these modules pull in redis and with it ssl, which gevent must patch first.
+    from .counters import connect_redis
     from .generation import GenerationService
     from .providers import build_provider
     from .quotas import QuotaGuard
 
     provider = build_provider(settings)
     provider.warm_up()
-    quotas = QuotaGuard(settings, catalog.clients, catalog.prices)
+    # One Redis client, one connection pool, for the limits and the cache alike.
+    redis_client = connect_redis(settings.redis_url, settings.redis_tls_verify) if settings.redis_url else None
+    quotas = QuotaGuard(settings, catalog.clients, catalog.prices, redis_client)
     generation = GenerationService(
-        provider, catalog.prices, quotas, deadline_s=settings.deadline_s, cache=build_cache(settings)
+        provider, catalog.prices, quotas, deadline_s=settings.deadline_s, cache=build_cache(settings, redis_client)
     )
     return Services(settings, catalog, Authenticator(settings.api_keys), quotas, generation)
 
 
-def build_cache(settings: Settings) -> ResponseCache:
-    """Build the response cache: in Redis when REDIS_URL is set, else in each worker's memory."""
+def build_cache(settings: Settings, redis_client: Redis | None) -> ResponseCache:
+    """Build the response cache: in Redis through `redis_client` when one is given, else in each worker's memory."""
     from .cache import ResponseCache
     from .cache_store import CacheStore, MemoryStore, RedisStore
-    from .counters import connect_redis
 
     if settings.cache_mode == "off":
         return ResponseCache.disabled()
     store: CacheStore
-    if settings.redis_url:
-        store = RedisStore(connect_redis(settings.redis_url, settings.redis_tls_verify))
+    if redis_client is not None:
+        store = RedisStore(redis_client)
     else:
         store = MemoryStore(settings.cache_max_entries, settings.cache_ttl_s)
     return ResponseCache(
