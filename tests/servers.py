@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,11 @@ class Service:
 
     def log_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_lines() if line.strip()]
+
+
+def generate_in_background(service: Service, body: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start `POST /generate` on a thread; its (status, body, headers) lands in the dict under "answer"."""
+    result: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: result.update(answer=service.generate(body)))
+    caller.start()
+    return caller, result

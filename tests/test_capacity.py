@@ -17,7 +17,7 @@ import pytest
 from llm_service.server import redact_query
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
-from tests.servers import Service
+from tests.servers import Service, generate_in_background
 from tests.test_observability import scrape, total
 
 MAX_IN_FLIGHT = 3
@@ -117,9 +117,7 @@ def test_slowloris_headers_are_cut_off_and_others_still_served(small_service: Se
 @pytest.mark.e2e
 def test_a_connection_opened_during_sigterm_is_refused_not_reset(small_service: Service, upstream: FakeOpenAI) -> None:
     upstream.enqueue(fake.ok("finished", delay_s=2.0))
-    result: dict = {}
-    caller = threading.Thread(target=lambda: result.update(answer=small_service.generate({"prompt": "Hi"})))
-    caller.start()
+    caller, result = generate_in_background(small_service, {"prompt": "Hi"})
     time.sleep(0.5)
     assert small_service.process is not None
     small_service.process.send_signal(signal.SIGTERM)

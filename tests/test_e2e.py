@@ -6,7 +6,6 @@ import json
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
-from tests.servers import ROOT, Service, procfile_command
+from tests.servers import ROOT, Service, generate_in_background, procfile_command
 
 pytestmark = pytest.mark.e2e
 
@@ -117,9 +116,7 @@ def readme_jq_recipes() -> list[list[str]]:
 
 def test_sigterm_lets_in_flight_requests_finish(service: Service, upstream: FakeOpenAI) -> None:
     upstream.enqueue(fake.ok("finished", delay_s=1.5))
-    result: dict = {}
-    caller = threading.Thread(target=lambda: result.update(answer=service.generate({"prompt": "Hi"})))
-    caller.start()
+    caller, result = generate_in_background(service, {"prompt": "Hi"})
     time.sleep(0.5)
     assert service.process is not None
     service.process.terminate()

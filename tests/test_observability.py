@@ -22,7 +22,7 @@ from llm_service.config import Settings
 from llm_service.report import main as report_main
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
-from tests.servers import ROOT, Service
+from tests.servers import ROOT, Service, generate_in_background
 
 DASHBOARD = ROOT / "deploy" / "observability" / "grafana-dashboard.json"
 
@@ -135,9 +135,7 @@ def test_ready_turns_503_on_sigterm_while_in_flight_requests_finish(service: Ser
     assert (first.status, json.loads(first.read())["status"]) == (200, "ready")
 
     upstream.enqueue(fake.ok("finished", delay_s=2.0))
-    result: dict = {}
-    caller = threading.Thread(target=lambda: result.update(answer=service.generate({"prompt": "Hi"})))
-    caller.start()
+    caller, result = generate_in_background(service, {"prompt": "Hi"})
     time.sleep(0.5)
     assert service.process is not None
     service.process.send_signal(signal.SIGTERM)
