@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -15,7 +16,7 @@ from flask.testing import FlaskClient
 from llm_service import create_app
 from llm_service.config import Settings
 from llm_service.errors import LocalModelBusy, UpstreamRejected, UpstreamTimeout
-from llm_service.providers.base import GenerationParams
+from llm_service.providers.base import Completion, GenerationParams
 from llm_service.providers.local import LocalProvider
 from tests.servers import Service
 
@@ -98,6 +99,38 @@ def test_generation_is_cut_at_the_deadline(provider: LocalProvider) -> None:
     with pytest.raises(UpstreamTimeout):
         provider.complete(params, time.monotonic() + 0.5)
     assert time.monotonic() - started < 1.5
+
+
+# About 1,600 tokens: evaluating it takes this machine over ten seconds, in pieces the deadline can cut.
+LONG_PROMPT = GenerationParams.from_prompt(
+    "The quick brown fox jumps over the lazy dog. " * 160, model=MODEL, max_tokens=10, temperature=0
+)
+
+
+def test_a_long_prompt_is_cut_at_the_deadline_before_any_token(provider: LocalProvider) -> None:
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        provider.complete(LONG_PROMPT, time.monotonic() + 1.0)
+    assert time.monotonic() - started < 2.5
+    # The model is free again at once: a short request right after is answered.
+    assert provider.complete(SHORT, time.monotonic() + 10).usage is not None
+
+
+def test_a_long_prompt_stream_is_cut_at_the_deadline_before_its_first_token(provider: LocalProvider) -> None:
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        list(provider.stream(LONG_PROMPT, time.monotonic() + 1.0))
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_stream_runs_past_the_deadline_once_its_first_token_is_out(provider: LocalProvider) -> None:
+    # DEADLINE bounds the wait for the first token only; STREAM_DEADLINE (300 s) bounds the rest.
+    started = time.monotonic()
+    items = list(provider.stream(dataclasses.replace(LONG, max_tokens=300), time.monotonic() + 0.3))
+    assert time.monotonic() - started > 0.3
+    last = items[-1]
+    assert isinstance(last, Completion) and last.finish_reason == "length"
+    assert last.usage is not None and last.usage.output == 300
 
 
 def test_waiting_for_a_busy_model_is_bounded_by_the_deadline(provider: LocalProvider) -> None:

