@@ -138,7 +138,10 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """On SIGTERM, turn /ready to 503 at once, then let gunicorn drain in-flight requests as usual."""
+    """Answer gunicorn's own errors in the envelope; on SIGTERM, turn /ready to 503 at once, then drain."""
+    from llm_service.server import install_error_envelope
+
+    install_error_envelope()  # a 400 or 431 gunicorn refuses before the app runs is JSON like every other error
     draining = getattr(worker.wsgi, "extensions", {}).get("llm_service.draining")
     if draining is None:  # another app run with this config (the benchmark's bare baseline)
         return

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import uuid
 from functools import partial
 from typing import Any
 from urllib.parse import unquote_plus
@@ -11,6 +13,7 @@ from urllib.parse import unquote_plus
 import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gunicorn import util
 from gunicorn.glogging import Logger
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
@@ -31,6 +34,42 @@ def redact_query(text: str) -> str:
         return f"{name}={REDACTED}" if _SECRET_NAME.search(unquote_plus(name)) else match.group(0)
 
     return _QUERY_PARAM.sub(replace, text)
+
+
+# gunicorn answers a request it cannot parse (or a worker's crash) itself, before the app sees it; these are
+# its statuses, in this service's envelope. The message is fixed: gunicorn's own text quotes the request.
+_GUNICORN_ERRORS = {
+    400: ("invalid_request", "The request could not be parsed as HTTP/1.1."),
+    403: ("forbidden", "The request was refused."),
+    414: ("request_line_too_long", "The request line is longer than this service accepts."),
+    417: ("invalid_request", "The Expect header is not supported."),
+    431: ("headers_too_large", "The request's headers are larger or more numerous than this service accepts."),
+    501: ("invalid_request", "The request's transfer coding is not supported."),
+    500: ("internal_error", "The service failed unexpectedly."),
+}
+
+
+def write_error_envelope(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """Write gunicorn's own error answer as JSON in the error envelope (replaces gunicorn.util.write_error).
+
+    It carries `type` and `param` as well, so OpenAI's SDKs read it like their API's errors.
+    """
+    code, message = _GUNICORN_ERRORS.get(status_int, ("invalid_request", reason))
+    request_id = str(uuid.uuid4())
+    error = {"code": code, "message": message, "request_id": request_id, "type": "invalid_request_error"}
+    if status_int >= 500:
+        error["type"] = "server_error"
+    body = json.dumps({"error": {**error, "param": None}}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Request-ID: {request_id}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def install_error_envelope() -> None:
+    """Make gunicorn write its own error answers in the envelope, in this worker process."""
+    util.write_error = write_error_envelope
 
 
 class AccessLogger(Logger):  # type: ignore[misc]

@@ -143,10 +143,26 @@ def test_clients_that_never_finish_headers_do_not_block_others(service: Service,
             sock.close()
 
 
-def test_oversized_header_is_refused_by_gunicorn(service: Service) -> None:
-    # limit_request_field_size in gunicorn.conf.py: 431 Request Header Fields Too Large.
-    status, _, _ = service.request("GET", "/health", headers={"X-Big": "x" * 9000})
+def test_oversized_header_is_refused_by_gunicorn_in_the_envelope(service: Service) -> None:
+    # limit_request_field_size in gunicorn.conf.py: 431 Request Header Fields Too Large, refused before the app.
+    status, headers, raw = service.request("GET", "/health", headers={"X-Big": "x" * 9000})
     assert status == 431
+    assert headers["content-type"] == "application/json"
+    error = json.loads(raw)["error"]
+    assert error["code"] == "headers_too_large"
+    assert error["request_id"] == headers["x-request-id"]
+
+
+def test_unparseable_request_is_answered_in_the_envelope_without_echoing_it(service: Service) -> None:
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(b"GET /health?api_key=sk-secret HTTP/9.9\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+    assert b"sk-secret" not in answer
 
 
 def test_bad_settings_stop_start_up_with_one_message(tmp_path: Path) -> None:
