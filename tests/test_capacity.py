@@ -160,8 +160,10 @@ def test_access_log_is_off_by_default_and_never_holds_query_secrets(
 
 
 @pytest.mark.e2e
-def test_metrics_from_two_workers_on_an_upstream(upstream: FakeOpenAI, tmp_path: Path) -> None:
-    with Service(upstream_env(upstream, WEB_CONCURRENCY="2"), tmp_path / "service.log") as service:
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_metrics_from_two_workers_on_an_upstream(upstream: FakeOpenAI, tmp_path: Path, worker_class: str) -> None:
+    env = upstream_env(upstream, WEB_CONCURRENCY="2", WORKER_CLASS=worker_class)
+    with Service(env, tmp_path / "service.log") as service:
         for _ in range(6):
             assert service.generate({"prompt": "Hi"})[0] == 200
         assert total(scrape(service), "llm_requests_total", endpoint="/generate", status_code="200") == 6
@@ -169,8 +171,9 @@ def test_metrics_from_two_workers_on_an_upstream(upstream: FakeOpenAI, tmp_path:
 
 @pytest.mark.e2e
 @pytest.mark.local_model
-def test_metrics_from_two_workers_on_the_local_model(tmp_path: Path) -> None:
-    env = {"WEB_CONCURRENCY": "2", "LOCAL_THREADS": "1"}
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_metrics_from_two_workers_on_the_local_model(tmp_path: Path, worker_class: str) -> None:
+    env = {"WORKER_CLASS": worker_class, "WEB_CONCURRENCY": "2", "LOCAL_THREADS": "1"}
     with Service(env, tmp_path / "service.log") as service:
         for _ in range(4):
             assert service.generate({"prompt": "Hi", "max_tokens": 4})[0] == 200
@@ -181,8 +184,9 @@ def test_metrics_from_two_workers_on_the_local_model(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.local_model
-def test_the_local_model_never_blocks_other_requests_of_its_worker(tmp_path: Path) -> None:
-    env = {"WEB_CONCURRENCY": "1", "LOCAL_THREADS": "1"}
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_the_local_model_never_blocks_other_requests_of_its_worker(tmp_path: Path, worker_class: str) -> None:
+    env = {"WORKER_CLASS": worker_class, "WEB_CONCURRENCY": "1", "LOCAL_THREADS": "1"}
     with Service(env, tmp_path / "service.log") as service:
         events: list[tuple[str, float]] = []
 

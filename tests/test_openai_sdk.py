@@ -34,8 +34,11 @@ def upstream() -> Iterator[FakeOpenAI]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def service(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+# The SDKs (Python and Node) and schemathesis drive both worker models a deployment can choose.
+@pytest.fixture(scope="module", params=["gevent", "gthread"])
+def service(
+    request: pytest.FixtureRequest, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
     folder = tmp_path_factory.mktemp("sdk")
     clients_file = folder / "clients.json"
     clients_file.write_text(json.dumps({"limited": {"rate_limit": "2/minute"}}))
@@ -48,6 +51,7 @@ def service(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> I
         "MAX_CHARS": str(MAX_CHARS),
         "MAX_RETRIES": "0",
         "WEB_CONCURRENCY": "2",
+        "WORKER_CLASS": request.param,
     }
     with Service(env, folder / "service.log") as running:
         yield running
