@@ -113,6 +113,7 @@ def test_request_fields_reach_the_upstream(chat: FlaskClient, upstream: FakeOpen
         ({"max_tokens": 0}, "max_tokens"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"seed": 2**63}, "seed"),
     ],
 )
 def test_invalid_requests_are_400_naming_the_field(

@@ -104,7 +104,8 @@ class ChatCompletionRequestSchema(Schema):
     max_tokens = StrictInteger(load_default=None, allow_none=True)
     max_completion_tokens = StrictInteger(load_default=None, allow_none=True)
     stop = StopSequences(load_default=(), allow_none=True)
-    seed = StrictInteger(load_default=None, allow_none=True)
+    # OpenAI takes a signed 64-bit seed; a larger one would only come back as the upstream's 400.
+    seed = StrictInteger(load_default=None, allow_none=True, validate=validate.Range(min=-(2**63), max=2**63 - 1))
     user = fields.String(load_default=None, allow_none=True)
     n = StrictInteger(load_default=None, allow_none=True, validate=validate.Equal(1, error="Only n=1 is supported."))
     stream = StrictBoolean(load_default=False, allow_none=True)
