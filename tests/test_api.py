@@ -170,3 +170,13 @@ def test_health_is_cheap_and_never_calls_upstream(client: FlaskClient, upstream:
     assert isinstance(body["timestamp"], int) and before_s <= body["timestamp"] <= time.time()
     assert re.fullmatch(r"[0-9a-f-]{36}", response.headers["X-Request-ID"])
     assert upstream.calls == 0
+
+
+def test_openapi_document_declares_the_headers_answers_carry(client: FlaskClient, upstream: FakeOpenAI) -> None:
+    document = client.get("/openapi.json").get_json()
+    answer = client.post("/generate", json={"prompt": "Hi", "temperature": 0})
+    declared = document["paths"]["/generate"]["post"]["responses"]["200"]["headers"]
+    sent = {name for name in answer.headers.keys() if name.lower().startswith(("x-", "age"))}
+    assert {"X-Request-ID", "X-Cache", "X-RateLimit-Remaining"} <= sent <= set(declared)
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["headers"]
+    assert {"X-Cache", "Age", "x-ratelimit-remaining-requests", "x-ratelimit-reset-tokens"} <= set(chat)

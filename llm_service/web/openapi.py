@@ -23,14 +23,35 @@ NATIVE_ERRORS = {
 }
 OPENAI_ERRORS = {**NATIVE_ERRORS, 404: "The model is not served here (code model_not_found)."}
 REQUEST_ID = {"X-Request-ID": {"description": "the caller's request id, or a fresh UUID", "schema": {"type": "string"}}}
+_TEXT = {"schema": {"type": "string"}}
+_INTEGER = {"schema": {"type": "integer"}}
+CACHE = {
+    "X-Cache": {"description": "HIT (from the response cache), MISS (stored) or BYPASS", **_TEXT},
+    "Age": {"description": "on a HIT: the cached answer's age in seconds", **_INTEGER},
+}
+NATIVE_RATE = {
+    "X-RateLimit-Limit": {"description": "the client's requests per window", **_INTEGER},
+    "X-RateLimit-Remaining": {"description": "requests left in the window", **_INTEGER},
+    "X-RateLimit-Reset": {"description": "when the window frees (Unix time, s)", **_INTEGER},
+}
+OPENAI_RATE = {
+    f"x-ratelimit-{part}-{kind}": {
+        "description": f"OpenAI's {part} header for {kind} (reset: a duration like 6m0s)",
+        **_TEXT,
+    }
+    for kind in ("requests", "tokens")
+    for part in ("limit", "remaining", "reset")
+}
 SSE = {"schema": {"type": "string"}}
 
 
-def _json(schema: str, description: str, *, stream: bool = False) -> dict[str, Any]:
+def _json(
+    schema: str, description: str, *, stream: bool = False, headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": schema}}
     if stream:
         content["text/event-stream"] = SSE
-    return {"description": description, "content": content, "headers": REQUEST_ID}
+    return {"description": description, "content": content, "headers": {**REQUEST_ID, **(headers or {})}}
 
 
 def _errors(codes: dict[int, str], envelope: str, *only: int) -> dict[int, Any]:
@@ -88,7 +109,9 @@ def build_document(app: Flask) -> dict[str, Any]:
             _operation(
                 "Generate text for one prompt; with stream true, Server-Sent Events.",
                 {
-                    200: _json("GenerateResponse", "The answer, or its events", stream=True),
+                    200: _json(
+                        "GenerateResponse", "The answer, or its events", stream=True, headers={**CACHE, **NATIVE_RATE}
+                    ),
                     **_errors(NATIVE_ERRORS, "Error"),
                 },
                 body="GenerateRequest",
@@ -107,7 +130,9 @@ def build_document(app: Flask) -> dict[str, Any]:
             _operation(
                 "OpenAI-compatible chat completion; with stream true, chat.completion.chunk events.",
                 {
-                    200: _json("ChatCompletion", "The completion, or its chunks", stream=True),
+                    200: _json(
+                        "ChatCompletion", "The completion, or its chunks", stream=True, headers={**CACHE, **OPENAI_RATE}
+                    ),
                     **_errors(OPENAI_ERRORS, "OpenAIError"),
                 },
                 body="ChatCompletionRequest",
