@@ -272,12 +272,12 @@ class Ticket:
         return answer
 
     def store(self, completion: Completion, cost_usd: Decimal | None) -> None:
-        """Store a finished answer, unless it is not a success (finish_reason stop or length) or too large."""
+        """Store a finished answer unless it failed (finish_reason not stop or length), is a fallback's or too big."""
         if self.key is None or self.status.reason == "unavailable":
             return
         self._outcome = "unstored"
-        if completion.finish_reason not in STORED_FINISH_REASONS:
-            return
+        if completion.finish_reason not in STORED_FINISH_REASONS or completion.fallback_from:
+            return  # a fallback's answer is never served later as if the model asked for had answered
         raw = CachedAnswer(completion, cost_usd, time.time()).to_bytes()
         if len(raw) > self.cache.max_entry_bytes:
             return

@@ -78,9 +78,13 @@ class Settings:
     cache_max_entries: int = 1000
     cache_max_entry_bytes: int = 65536
     cache_scope: str = "client"
+    models_file: str | None = None
+    circuit_failures: int = 5
+    circuit_reset_s: float = 30.0
+    retry_budget: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.default_model is None:
+        if self.default_model is None and not self.models_file:  # with MODELS_FILE: the file's first model
             model = self.local_model_name if self.provider == "local" else OPENAI_DEFAULT_MODEL
             object.__setattr__(self, "default_model", model)
         if not self.allowed_models and self.provider == "local":
@@ -103,10 +107,12 @@ class Settings:
         problems = []
         if self.provider not in PROVIDERS:
             problems.append(f"LLM_PROVIDER must be one of {', '.join(PROVIDERS)}")
-        if self.provider == "openai" and not (self.openai_api_key or self.openai_base_url):
+        if self.models_file and self.provider == "local":
+            problems.append('LLM_PROVIDER=local cannot be used with MODELS_FILE: route a model to upstream "local"')
+        if self.provider == "openai" and not (self.openai_api_key or self.openai_base_url or self.models_file):
             # It would start, fail /ready, and spend every request's deadline retrying OpenAI without a key.
             problems.append("LLM_PROVIDER=openai needs OPENAI_API_KEY or OPENAI_BASE_URL")
-        if self.allowed_models and self.model not in self.allowed_models:
+        if self.allowed_models and self.default_model and self.model not in self.allowed_models:
             problems.append(f"DEFAULT_MODEL {self.model!r} is not in ALLOWED_MODELS")
         if self.provider == "local" and self.allowed_models != (self.local_model_name,):
             problems.append(f"ALLOWED_MODELS with LLM_PROVIDER=local can only be {self.local_model_name!r}")
@@ -143,7 +149,8 @@ class Settings:
         reader = _EnvReader(environ)
         api_key = reader.text("OPENAI_API_KEY")
         base_url = reader.text("OPENAI_BASE_URL")
-        provider, reason = _choose_provider(reader.text("LLM_PROVIDER"), api_key, base_url)
+        models_file = reader.text("MODELS_FILE")
+        provider, reason = _choose_provider(reader.text("LLM_PROVIDER"), api_key, base_url, models_file)
         allowed = tuple(m for m in (reader.text("ALLOWED_MODELS") or "").replace(" ", "").split(",") if m)
         values: dict[str, Any] = dict(
             openai_api_key=api_key,
@@ -185,6 +192,10 @@ class Settings:
             cache_max_entries=reader.integer("CACHE_MAX_ENTRIES", minimum=1),
             cache_max_entry_bytes=reader.integer("CACHE_MAX_ENTRY_BYTES", minimum=1),
             cache_scope=(reader.text("CACHE_SCOPE") or "").lower() or None,
+            models_file=models_file,
+            circuit_failures=reader.integer("CIRCUIT_FAILURES", minimum=1),
+            circuit_reset_s=reader.number("CIRCUIT_RESET_S", minimum=0.0, exclusive=True),
+            retry_budget=reader.number("RETRY_BUDGET", minimum=0.0),
         )
         # An unset (or bad) value keeps the dataclass's default: the one place each default is written.
         settings = cls(**{name: value for name, value in values.items() if value is not None})
@@ -195,7 +206,7 @@ class Settings:
         return {
             "provider": self.provider,
             "provider_reason": self.provider_reason,
-            "default_model": self.model,
+            "default_model": self.default_model or "the first model of MODELS_FILE",
             "openai_api_key_set": bool(self.openai_api_key),
             "openai_base_url": redact_url(self.openai_base_url) if self.openai_base_url else "default",
             "max_chars": self.max_chars,
@@ -218,6 +229,10 @@ class Settings:
             "cache_store": "off" if self.cache_mode == "off" else "redis" if self.redis_url else "memory",
             "cache_scope": self.cache_scope if self.api_keys else "shared",
             "cache_ttl_s": self.cache_ttl_s,
+            "models_file": self.models_file,
+            "circuit_failures": self.circuit_failures,
+            "circuit_reset_s": self.circuit_reset_s,
+            "retry_budget": self.retry_budget,
         }
 
 
@@ -229,9 +244,13 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
-def _choose_provider(explicit: str | None, api_key: str | None, base_url: str | None) -> tuple[str, str]:
+def _choose_provider(
+    explicit: str | None, api_key: str | None, base_url: str | None, models_file: str | None
+) -> tuple[str, str]:
     if explicit:
         return explicit.lower(), "LLM_PROVIDER is set"
+    if models_file:
+        return "openai", "MODELS_FILE is set"
     if api_key or base_url:
         return "openai", "OPENAI_API_KEY or OPENAI_BASE_URL is set"
     return "local", "no OPENAI_API_KEY or OPENAI_BASE_URL is set"

@@ -42,6 +42,7 @@ class ServiceError(Exception):
         self.upstream_request_id = upstream_request_id
         self.extra_headers = extra_headers or {}
         self.rate_window = rate_window  # the request limit that refused this request, for the API's headers
+        self.transient = False  # set when retries of a passing fault ran out: another upstream may answer
 
     def headers(self) -> dict[str, str]:
         """Return the headers this error adds to its response."""
@@ -111,6 +112,10 @@ class UpstreamError(ServiceError):
 
 class UpstreamTimeout(ServiceError):
     status, code, message = 504, "upstream_timeout", "The model provider did not answer in time."
+
+
+class UpstreamUnavailable(ServiceError):
+    status, code, message = 503, "upstream_unavailable", "The model provider is failing; retry after the pause."
 
 
 class UpstreamAuthError(ServiceError):

@@ -61,6 +61,8 @@ class Generation:
             "latency_ms": self.latency_ms,
             "cached": self.cached,
         }
+        if self.completion.fallback_from:
+            metadata["fallback_from"] = self.completion.fallback_from
         if self.cached:
             saved = self.cache.cost_saved_usd
             metadata["cost_saved_usd"] = None if saved is None else float(saved)
@@ -81,6 +83,7 @@ class Generation:
             "cost_usd": None if self.cost_usd is None else float(self.cost_usd),
             "attempts": self.completion.attempts,
             "upstream_request_id": self.completion.upstream_request_id,
+            "fallback_from": self.completion.fallback_from,
             **describe(self.cache),
         }
 
@@ -272,7 +275,8 @@ class GenerationService:
         usage = completion.usage
         cost_usd = None if usage is None else self._cost_usd(usage, completion.model, params.model)
         self.quotas.settle(reservation, None if usage is None else usage.total, cost_usd)
-        return Generation(completion, self.provider.name, cost_usd, _elapsed_ms(started_monotonic))
+        provider = completion.upstream or self.provider.name
+        return Generation(completion, provider, cost_usd, _elapsed_ms(started_monotonic))
 
     def _cost_usd(self, usage: TokenUsage, *models: str) -> Decimal | None:
         """Price `usage` by the first of `models` the table knows, else at the provider's unpriced cost."""

@@ -55,6 +55,16 @@ CACHE_REQUESTS = Counter(
     ["result"],
 )
 COST_SAVED = Counter("llm_cost_saved_usd_total", "What cache hits would have cost, USD.", ["model", "client"])
+CIRCUIT_STATE = Gauge(
+    "llm_circuit_state",
+    "Circuit breaker per upstream: 0 closed, 1 open, 2 half-open (as this worker last saw it).",
+    ["upstream"],
+    multiprocess_mode="livemostrecent",
+)
+FALLBACKS = Counter("llm_fallbacks_total", "Requests answered by a fallback model.", ["from", "to"])
+RETRIES_SKIPPED = Counter(
+    "llm_retries_skipped_total", "Failed attempts answered without a retry because the retry budget was spent."
+)
 REJECTED = Counter("llm_rejected_total", "Requests refused before reaching the backend.", ["reason"])
 
 # Error codes that mean the service refused the request itself, by rejection reason.

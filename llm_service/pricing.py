@@ -63,7 +63,7 @@ class PriceTable:
         return total / TOKENS_PER_PRICE_UNIT
 
 
-def _parse_price(model: str, entry: Any) -> ModelPrice:
+def parse_price(model: str, entry: Any) -> ModelPrice:
     if not isinstance(entry, dict):
         raise PricingError(f"price of {model!r} must be an object")
     try:
@@ -91,7 +91,7 @@ def parse_price_table(document: Any, origin: str) -> PriceTable:
     """Parse a price document ({"models": {name: {"input", "output", "cached_input"?}}}); raise PricingError."""
     if not isinstance(document, dict) or not isinstance(document.get("models"), dict):
         raise PricingError(f"{origin}: expected an object with a 'models' object")
-    prices = {model: _parse_price(model, entry) for model, entry in document["models"].items()}
+    prices = {model: parse_price(model, entry) for model, entry in document["models"].items()}
     return PriceTable(prices, str(document.get("source", origin)), str(document.get("as_of", "")))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .clients import Authenticator, ClientLimits, ClientPolicy, parse_client_overrides
 from .config import ConfigError, Settings, check_rate_limit, redact_url
+from .models_file import Routes, parse_routes
 from .pricing import PriceTable, PricingError, parse_price_table, shipped_price_table, with_overrides
 
 if TYPE_CHECKING:  # imported where the services are built, in each worker: see build_services
@@ -30,6 +32,7 @@ class Catalog:
     allowed_models: tuple[str, ...]
     default_model: str
     clients: ClientPolicy
+    routes: Routes | None = None  # MODELS_FILE's upstreams and models; None: one upstream, as the settings say
 
 
 def read_json(path: str) -> Any:
@@ -54,17 +57,32 @@ def load_price_table(override_path: str | None = None) -> PriceTable:
     return with_overrides(table, parse_price_table(document, override_path), override_path)
 
 
-def load_catalog(settings: Settings, problems: list[str] | None = None) -> Catalog:
-    """Read PRICING_FILE and CLIENTS_FILE and check the models; raise one ConfigError with `problems` too."""
+def load_catalog(
+    settings: Settings, problems: list[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> Catalog:
+    """Read PRICING_FILE, MODELS_FILE and CLIENTS_FILE and check the models; raise one ConfigError with `problems` too.
+
+    `environ` holds the keys MODELS_FILE names (api_key_env).
+    """
     problems = list(problems or [])
     try:
         prices = load_price_table(settings.pricing_file)
     except PricingError as error:
         problems.append(f"PRICING_FILE: {error}")
         prices = shipped_price_table()
-    allowed_models = settings.allowed_models or prices.models
-    if settings.model not in allowed_models and not settings.allowed_models:
-        problems.append(f"DEFAULT_MODEL {settings.model!r} is not in ALLOWED_MODELS (every priced model)")
+    routes = load_routes(settings.models_file, environ, problems)
+    if routes is not None:
+        prices = with_overrides(prices, PriceTable(routes.prices, "", ""), str(settings.models_file))
+        allowed_models = settings.allowed_models or routes.models
+        default_model = settings.default_model or allowed_models[0]
+        unknown = [model for model in (*allowed_models, default_model) if model not in routes.routes]
+        if unknown:
+            problems.append(f"ALLOWED_MODELS and DEFAULT_MODEL must be models of MODELS_FILE: not {unknown}")
+    else:
+        allowed_models = settings.allowed_models or prices.models
+        default_model = settings.model
+        if settings.model not in allowed_models and not settings.allowed_models:
+            problems.append(f"DEFAULT_MODEL {settings.model!r} is not in ALLOWED_MODELS (every priced model)")
     defaults = ClientLimits(settings.rate_limit, settings.token_limit, settings.daily_budget_usd)
     overrides: dict[str, ClientLimits] = {}
     if settings.clients_file:
@@ -76,7 +94,19 @@ def load_catalog(settings: Settings, problems: list[str] | None = None) -> Catal
             problems.append(f"CLIENTS_FILE: {error}")
     if problems:
         raise ConfigError(problems)
-    return Catalog(prices, allowed_models, settings.model, ClientPolicy(defaults, overrides))
+    return Catalog(prices, allowed_models, default_model, ClientPolicy(defaults, overrides), routes)
+
+
+def load_routes(path: str | None, environ: Mapping[str, str], problems: list[str]) -> Routes | None:
+    """Return the routes of the MODELS_FILE at `path` (None without one), adding its mistakes to `problems`."""
+    if not path:
+        return None
+    try:
+        routes, mistakes = parse_routes(read_json(path), environ)
+    except ValueError as error:
+        routes, mistakes = None, [str(error)]
+    problems += [f"MODELS_FILE: {mistake}" for mistake in mistakes]
+    return routes
 
 
 def load(settings: Settings) -> Catalog:
@@ -87,7 +117,7 @@ def load(settings: Settings) -> Catalog:
 def load_env(environ: Mapping[str, str]) -> tuple[Settings, Catalog]:
     """Read the settings from `environ` and their files; raise one ConfigError naming every bad setting."""
     settings, problems = Settings.read_env(environ)
-    return settings, load_catalog(settings, problems + settings.problems())
+    return settings, load_catalog(settings, problems + settings.problems(), environ)
 
 
 @dataclass
@@ -116,18 +146,17 @@ def build_services(settings: Settings, catalog: Catalog) -> Services:
     from .providers import build_provider
     from .quotas import QuotaGuard
 
-    provider = build_provider(settings)
-    provider.warm_up()
-    # One Redis client, one connection pool, for the limits and the cache alike.
+    # One Redis client, one connection pool, for the limits, the cache and the circuits alike.
     redis_client = connect_redis(settings.redis_url, settings.redis_tls_verify) if settings.redis_url else None
+    provider = build_provider(settings, catalog.routes, redis_client)
+    provider.warm_up()
     quotas = QuotaGuard(settings, catalog.clients, catalog.prices, redis_client)
-    generation = GenerationService(
-        provider, catalog.prices, quotas, deadline_s=settings.deadline_s, cache=build_cache(settings, redis_client)
-    )
+    cache = build_cache(settings, catalog, redis_client)
+    generation = GenerationService(provider, catalog.prices, quotas, deadline_s=settings.deadline_s, cache=cache)
     return Services(settings, catalog, Authenticator(settings.api_keys), quotas, generation)
 
 
-def build_cache(settings: Settings, redis_client: Redis | None) -> ResponseCache:
+def build_cache(settings: Settings, catalog: Catalog, redis_client: Redis | None) -> ResponseCache:
     """Build the response cache: in Redis through `redis_client` when one is given, else in each worker's memory."""
     from .cache import ResponseCache
     from .cache_store import CacheStore, MemoryStore, RedisStore
@@ -144,7 +173,7 @@ def build_cache(settings: Settings, redis_client: Redis | None) -> ResponseCache
         mode=settings.cache_mode,
         scope=settings.cache_scope,
         auth_enabled=bool(settings.api_keys),
-        backend=backend_identity(settings),
+        backend=catalog.routes.identity() if catalog.routes else backend_identity(settings),
         ttl_s=settings.cache_ttl_s,
         max_entry_bytes=settings.cache_max_entry_bytes,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from flask.testing import FlaskClient
 from llm_service import create_app
 from llm_service.config import Settings
 from tests.fake_openai import FakeOpenAI
+from tests.routing_support import Upstreams, start_upstreams
 
 
 @pytest.fixture
@@ -56,3 +58,14 @@ def app(settings: Settings) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def upstreams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Upstreams]:
+    """Return two fake upstreams behind a MODELS_FILE (tests.routing_support), with their keys in the environment."""
+    monkeypatch.setenv("ROUTING_PRIMARY_KEY", "sk-primary-test")
+    monkeypatch.setenv("ROUTING_BACKUP_KEY", "sk-backup-test")
+    both = start_upstreams(tmp_path)
+    yield both
+    both.primary.stop()
+    both.backup.stop()

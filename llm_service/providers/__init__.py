@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from ..config import Settings
+from ..models_file import Routes
 from .base import Provider
 
 
@@ -28,8 +30,12 @@ def installation_problem(settings: Settings) -> str | None:
     return None
 
 
-def build_provider(settings: Settings) -> Provider:
-    """Return the backend the settings choose; the local one is imported only when chosen."""
+def build_provider(settings: Settings, routes: Routes | None = None, redis_client: Any = None) -> Provider:
+    """Return the backend the settings choose, the router with MODELS_FILE; local is imported only when chosen."""
+    if routes is not None:
+        from .router import build_router
+
+        return build_router(settings, routes, redis_client)
     if settings.provider == "local":
         from .local import LocalProvider
 

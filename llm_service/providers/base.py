@@ -73,6 +73,8 @@ class Completion:
     usage: TokenUsage | None
     attempts: int = 1
     upstream_request_id: str | None = None
+    upstream: str | None = None  # with MODELS_FILE: the upstream that answered
+    fallback_from: str | None = None  # the model asked for, when a fallback model answered instead
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -13,15 +14,19 @@ from typing import Any
 import httpx2
 import openai
 
+from ..circuit import Circuit
 from ..config import Settings
+from ..errors import UpstreamUnavailable
 from ..metrics import record_attempt
 from .base import Completion, GenerationParams, TextDelta
 from .deadline import DeadlineTransport, deadline
 from .openai_stream import OpenStream
 from .openai_translate import UPSTREAM_ERRORS, token_usage, translate
-from .retry import RetryPolicy
+from .retry import RetryBudget, RetryPolicy
 
 CHAT_PATH = "/chat/completions"
+# Attempt outcomes that count against an upstream's circuit: it is failing, not refusing this request.
+CIRCUIT_FAILURES = frozenset({"server_error", "timeout", "connection_error"})
 
 
 class OpenAIProvider:
@@ -30,16 +35,28 @@ class OpenAIProvider:
     name = "openai"
     unpriced_cost_usd: Decimal | None = None  # a model without a price has an unknown cost, never a guessed one
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str = "openai",
+        budget: RetryBudget | None = None,
+        circuit: Circuit | None = None,
+    ) -> None:
         self._settings = settings
+        self.name = name  # the upstream's name in MODELS_FILE: metrics and logs say which one answered
+        self._circuit = circuit
         self._policy = RetryPolicy(
             max_retries=settings.max_retries,
             base_delay_s=settings.retry_delay_s,
             max_delay_s=settings.retry_max_delay_s,
+            budget=budget,
         )
         # OpenAI's own API wants max_completion_tokens (reasoning models refuse max_tokens);
         # most compatible servers (vLLM, Ollama, llama.cpp) know only max_tokens.
-        self._max_tokens_param = "max_tokens" if settings.openai_base_url else "max_completion_tokens"
+        base_url = settings.openai_base_url
+        is_openai = not base_url or urllib.parse.urlsplit(base_url).hostname == "api.openai.com"
+        self._max_tokens_param = "max_completion_tokens" if is_openai else "max_tokens"
         self._client: openai.OpenAI | None = None
         self._client_pid: int | None = None
         self._client_lock = threading.Lock()
@@ -112,10 +129,23 @@ class OpenAIProvider:
             except UPSTREAM_ERRORS as error:
                 raise translate(error) from None
 
-        return self._policy.run(attempt, deadline_monotonic, self._recorder(params.model))
+        return self._policy.run(attempt, deadline_monotonic, self._recorder(params.model), self._admit)
 
     def _recorder(self, model: str) -> Callable[[str, float], None]:
-        return lambda outcome, duration_s: record_attempt(self.name, model, outcome, duration_s)
+        def record(outcome: str, duration_s: float) -> None:
+            record_attempt(self.name, model, outcome, duration_s)
+            if self._circuit is not None:
+                self._circuit.record(outcome in CIRCUIT_FAILURES)
+
+        return record
+
+    def _admit(self) -> None:
+        """Raise 503 upstream_unavailable while this upstream's circuit is open (or its probe is out)."""
+        if self._circuit is None:
+            return
+        verdict = self._circuit.admit()
+        if not verdict.allowed:
+            raise UpstreamUnavailable(retry_after_s=verdict.wait_s)
 
     def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
         """Yield deltas, then the Completion; retries happen only until the first delta is in hand."""
@@ -142,7 +172,7 @@ class OpenAIProvider:
                     opened.close()
                 raise translate(error) from None
 
-        opened = self._policy.run(attempt, deadline_monotonic, self._recorder(params.model))
+        opened = self._policy.run(attempt, deadline_monotonic, self._recorder(params.model), self._admit)
         return opened.relay(self._settings.timeout_s, time.monotonic() + self._settings.stream_deadline_s)
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 import backoff
 
 from ..errors import ServiceError
+from ..metrics import RETRIES_SKIPPED
 
 T = TypeVar("T")
 log = logging.getLogger("llm_service.retry")
@@ -29,13 +32,46 @@ class Retryable(Exception):
         self.retry_after_s = retry_after_s
 
 
-class RetryPolicy:
-    """Exponential backoff with jitter, honouring Retry-After, never waiting past the deadline."""
+class RetryBudget:
+    """Envoy's retry budget for one worker: retries at most `ratio` of the calls of the last `window_s`.
 
-    def __init__(self, *, max_retries: int, base_delay_s: float, max_delay_s: float) -> None:
+    A floor of `min_per_s` retries a second keeps a quiet worker able to retry at all.
+    """
+
+    def __init__(self, ratio: float, *, window_s: float = 10.0, min_per_s: float = 3.0) -> None:
+        self.ratio, self.window_s, self.min_per_s = ratio, window_s, min_per_s
+        self._calls: deque[float] = deque()
+        self._retries: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def call(self) -> None:
+        """Count one call (a request to one upstream, however many attempts it makes)."""
+        with self._lock:
+            self._calls.append(time.monotonic())
+
+    def allow_retry(self) -> bool:
+        """Take one retry from the budget; False when it is spent."""
+        now = time.monotonic()
+        with self._lock:
+            for times in (self._calls, self._retries):
+                while times and times[0] <= now - self.window_s:
+                    times.popleft()
+            if len(self._retries) >= max(self.ratio * len(self._calls), self.min_per_s * self.window_s):
+                return False
+            self._retries.append(now)
+            return True
+
+
+class RetryPolicy:
+    """Exponential backoff with jitter, honouring Retry-After, never waiting past the deadline or the budget."""
+
+    def __init__(
+        self, *, max_retries: int, base_delay_s: float, max_delay_s: float, budget: RetryBudget | None = None
+    ) -> None:
         self.max_retries = max_retries
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
+        self.budget = budget
 
     def _waits(self, deadline_monotonic: float) -> Generator[float, Retryable, None]:
         failure = yield 0.0  # primed by backoff before the first attempt
@@ -49,6 +85,10 @@ class RetryPolicy:
             retry_number += 1
             if time.monotonic() + wait_s + MIN_ATTEMPT_S >= deadline_monotonic:
                 return  # no time for another attempt: give up with this failure
+            if self.budget is not None and not self.budget.allow_retry():
+                RETRIES_SKIPPED.inc()
+                log.warning("retry budget spent; answering without retrying", extra={"reason": failure.reason})
+                return
             failure = yield wait_s
 
     def run(
@@ -56,15 +96,21 @@ class RetryPolicy:
         attempt: Callable[[int], T],
         deadline_monotonic: float,
         on_attempt: Callable[[str, float], None] | None = None,
+        before_attempt: Callable[[], None] | None = None,
     ) -> T:
         """Call `attempt(n)` for n = 1, 2, ... until it returns, a failure is final, or time runs out.
 
-        `on_attempt(outcome, duration_s)` hears of every attempt, for metrics.
+        `on_attempt(outcome, duration_s)` hears of every attempt, for metrics; `before_attempt()` may
+        refuse one by raising a ServiceError (an open circuit), which ends the loop without an attempt.
         """
         attempts = 0
+        if self.budget is not None:
+            self.budget.call()
 
         def one_attempt() -> T:
             nonlocal attempts
+            if before_attempt is not None:
+                before_attempt()
             attempts += 1
             started = time.monotonic()
             outcome = "ok"
@@ -97,6 +143,7 @@ class RetryPolicy:
             return retrying()
         except Retryable as failure:
             failure.final_error.attempts = attempts
+            failure.final_error.transient = True
             raise failure.final_error from None
         except ServiceError as error:
             error.attempts = attempts

@@ -36,7 +36,9 @@ def messages_hash(messages: tuple[Message, ...]) -> str:
 
 def model_object(model: str) -> dict[str, Any]:
     """Return OpenAI's model object for one served model."""
-    return {"id": model, "object": "model", "created": STARTED_AT, "owned_by": services().provider.name}
+    svc = services()
+    owner = svc.catalog.routes.routes[model].upstream if svc.catalog.routes else svc.provider.name
+    return {"id": model, "object": "model", "created": STARTED_AT, "owned_by": owner}
 
 
 @bp.get("/models")
@@ -117,6 +119,8 @@ def chat_completions() -> Response:
         usage=usage(result),
     )
     response.headers.update(cache_headers(result.cache))
+    if completion.fallback_from:
+        response.headers["X-Fallback-From"] = completion.fallback_from
     return response
 
 

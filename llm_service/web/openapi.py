@@ -18,7 +18,7 @@ NATIVE_ERRORS = {
     429: "Over a limit of this client, or the upstream is rate limiting; see Retry-After.",
     500: "The service failed unexpectedly.",
     502: "The upstream failed, or refused the service's own key.",
-    503: "The local model is busy, the upstream quota is spent, or limits cannot be checked.",
+    503: "The local model is busy, the upstream quota is spent, its circuit is open, or limits cannot be checked.",
     504: "The upstream did not answer in time.",
 }
 OPENAI_ERRORS = {**NATIVE_ERRORS, 404: "The model is not served here (code model_not_found)."}

@@ -18,12 +18,14 @@ bp = Blueprint("ops", __name__)
 def health() -> Response:
     """Answer a liveness probe without touching the backend: the original contract plus today's fields."""
     svc = services()
+    extra = {"models": list(svc.catalog.allowed_models)} if svc.catalog.routes else {}
     return jsonify(
         status="healthy",
         service="llm-service",
         timestamp=int(time.time()),
         provider=svc.provider.name,
         default_model=svc.catalog.default_model,
+        **extra,
     )
 
 
@@ -52,9 +54,12 @@ def ready() -> Response:
                 reasons["redis"] = "Redis does not answer."
     if reasons:
         raise NotReady(details={**reasons, **degraded})
+    # An open circuit is an upstream's outage, not this instance's: it stays ready and says which is open.
+    circuit_states = getattr(svc.provider, "circuit_states", None)
+    extra = {"circuits": circuit_states()} if circuit_states else {}
     if degraded:
-        return jsonify(status="ready", provider=svc.provider.name, degraded=degraded)
-    return jsonify(status="ready", provider=svc.provider.name)
+        return jsonify(status="ready", provider=svc.provider.name, degraded=degraded, **extra)
+    return jsonify(status="ready", provider=svc.provider.name, **extra)
 
 
 @bp.get("/metrics")

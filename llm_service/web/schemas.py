@@ -116,6 +116,9 @@ class MetadataSchema(Schema):
     cost_usd = fields.Float(required=True, allow_none=True)
     latency_ms = fields.Float(required=True)
     cached = fields.Boolean(required=True, metadata={"description": "whether the answer came from the cache"})
+    fallback_from = fields.String(
+        metadata={"description": "with MODELS_FILE: the model asked for, when a fallback (`model`) answered"}
+    )
     cost_saved_usd = fields.Float(
         allow_none=True, metadata={"description": "on a cache hit: what the original answer cost"}
     )
@@ -170,6 +173,7 @@ class HealthSchema(Schema):
     timestamp = fields.Integer(metadata={"description": "Unix time, seconds"})
     provider = fields.String()
     default_model = fields.String()
+    models = fields.List(fields.String(), metadata={"description": "with MODELS_FILE: the public models"})
 
 
 class ReadySchema(Schema):
@@ -179,4 +183,9 @@ class ReadySchema(Schema):
         keys=fields.String(),
         values=fields.String(),
         metadata={"description": "What still serves in a lesser way, e.g. redis when limits fail open"},
+    )
+    circuits = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "with MODELS_FILE: each upstream's circuit, closed, open or half_open"},
     )
