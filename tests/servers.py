@@ -123,3 +123,19 @@ def generate_in_background(service: Service, body: dict[str, Any]) -> tuple[thre
     caller = threading.Thread(target=lambda: result.update(answer=service.generate(body)))
     caller.start()
     return caller, result
+
+
+def start_up_failure(env: dict[str, str], tmp_path: Path) -> str:
+    """Run the Procfile's command with `env`, expect it to stop, and return its one CRITICAL message."""
+    result = subprocess.run(
+        procfile_command(),
+        cwd=ROOT,
+        env={**Service({}, tmp_path / "unused.log").env, "PORT": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    lines = [json.loads(line) for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    (message,) = [line["message"] for line in lines if line.get("level") == "CRITICAL"]
+    return str(message)

@@ -14,7 +14,7 @@ import pytest
 
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
-from tests.servers import ROOT, Service, generate_in_background, procfile_command
+from tests.servers import ROOT, Service, generate_in_background, start_up_failure
 
 pytestmark = pytest.mark.e2e
 
@@ -171,16 +171,5 @@ def test_unparseable_request_is_answered_in_the_envelope_without_echoing_it(serv
 
 
 def test_bad_settings_stop_start_up_with_one_message(tmp_path: Path) -> None:
-    env = {"OPENAI_API_KEY": "sk-x", "MAX_CHARS": "many", "TIMEOUT": "-1", "PORT": "0"}
-    result = subprocess.run(
-        procfile_command(),
-        cwd=ROOT,
-        env={**Service({}, tmp_path / "unused.log").env, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode != 0
-    lines = [json.loads(line) for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    (message,) = [line["message"] for line in lines if line.get("level") == "CRITICAL"]
+    message = start_up_failure({"OPENAI_API_KEY": "sk-x", "MAX_CHARS": "many", "TIMEOUT": "-1"}, tmp_path)
     assert "MAX_CHARS" in message and "TIMEOUT" in message

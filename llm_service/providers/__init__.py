@@ -41,5 +41,6 @@ def build_provider(settings: Settings, routes: Routes | None = None, redis_clien
 
         return LocalProvider(settings)
     from .openai_provider import OpenAIProvider
+    from .retry import RetryBudget
 
-    return OpenAIProvider(settings)
+    return OpenAIProvider(settings, budget=RetryBudget(settings.retry_budget))
