@@ -13,8 +13,10 @@ from flask.testing import FlaskClient
 
 from llm_service import create_app
 from llm_service.config import ConfigError
+from llm_service.startup import load_env
 from tests import fake_openai as fake
 from tests.routing_support import BACKUP_PRICE, PRIMARY_PRICE, Upstreams
+from tests.servers import ROOT
 from tests.test_openai_api import events as chunk_events
 from tests.test_streaming import parse_events
 
@@ -249,3 +251,21 @@ def test_default_and_allowed_models_must_be_the_files(upstreams: Upstreams) -> N
     narrowed = client_of(upstreams, allowed_models=("spare",))
     assert narrowed.get("/health").get_json()["default_model"] == "spare"
     assert narrowed.post("/generate", json=MAIN).status_code == 400
+
+
+def test_readme_models_file_loads_as_written(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Several upstreams") :]
+    start = section.index("```json\n") + len("```json\n")
+    document = section[start : section.index("\n```", start)]
+    path = tmp_path / "models.json"
+    path.write_text(document)
+    environ = {"MODELS_FILE": str(path), "OPENAI_API_KEY": "sk-x", "BACKUP_API_KEY": "bk-x"}
+    settings, catalog = load_env(environ)
+    assert catalog.allowed_models == ("gpt-4o-mini", "llama-3.1-8b", "smollm2")
+    assert catalog.default_model == "gpt-4o-mini"
+    assert catalog.routes is not None and catalog.routes.uses_local
+    assert [route.model for route in catalog.routes.chain("gpt-4o-mini")] == ["gpt-4o-mini", "llama-3.1-8b", "smollm2"]
+    assert catalog.routes.upstreams["backup"].api_key == "bk-x"
+    with pytest.raises(ConfigError, match="BACKUP_API_KEY"):
+        load_env({**environ, "BACKUP_API_KEY": ""})
