@@ -62,12 +62,12 @@ if _worker_kind not in ("gevent", "gthread"):
 
 # Fail in the master, before any worker forks, with one message naming every bad setting.
 try:
-    _settings, _ = load_env(os.environ)  # the settings and the files they name (prices, clients)
+    _settings, _catalog = load_env(os.environ)  # the settings and the files they name (prices, models, clients)
 except ConfigError as _error:
     _fail(str(ConfigError(_error.problems + _problems)))
 if _problems:
     _fail(str(ConfigError(_problems)))
-if _problem := installation_problem(_settings):
+if _problem := installation_problem(_settings, _catalog.routes):
     _fail(_problem)
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_port}"

@@ -273,7 +273,9 @@ class GenerationService:
         self, completion: Completion, params: GenerationParams, reservation: Reservation, started_monotonic: float
     ) -> Generation:
         usage = completion.usage
-        cost_usd = None if usage is None else self._cost_usd(usage, completion.model, params.model)
+        # A fallback's answer is priced as the model that answered, never at the price of the one asked for.
+        models = (completion.model,) if completion.fallback_from else (completion.model, params.model)
+        cost_usd = None if usage is None else self._cost_usd(usage, *models)
         self.quotas.settle(reservation, None if usage is None else usage.total, cost_usd)
         provider = completion.upstream or self.provider.name
         return Generation(completion, provider, cost_usd, _elapsed_ms(started_monotonic))

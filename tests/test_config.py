@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from llm_service.config import ConfigError, Settings
+from llm_service.models_file import Route, Routes
 from llm_service.startup import load_env
 
 
@@ -122,6 +123,9 @@ def test_missing_local_backend_is_named_before_any_worker_starts(monkeypatch: py
     assert problem is not None
     assert "llama-cpp-python is not installed" in problem and "OPENAI_API_KEY" in problem
     assert installation_problem(Settings.from_env({"OPENAI_API_KEY": "sk-x"})) is None
+    routes = Routes({}, {"tiny": Route("tiny", "local", "tiny")}, {})  # a MODELS_FILE using the local model
+    routed = installation_problem(Settings.from_env({"MODELS_FILE": "models.json"}), routes)
+    assert routed is not None and 'upstream "local"' in routed and "llama-cpp-python" in routed
 
 
 def test_missing_model_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -269,3 +269,14 @@ def test_readme_models_file_loads_as_written(tmp_path: Path) -> None:
     assert catalog.routes.upstreams["backup"].api_key == "bk-x"
     with pytest.raises(ConfigError, match="BACKUP_API_KEY"):
         load_env({**environ, "BACKUP_API_KEY": ""})
+
+
+def test_an_unpriced_fallback_is_not_charged_at_the_price_asked_for(upstreams: Upstreams, tmp_path: Path) -> None:
+    document = json.loads(upstreams.models_file.read_text())
+    document["models"]["main"]["fallbacks"] = ["unpriced"]
+    document["models"]["unpriced"] = {"upstream": upstreams.backup_name}
+    path = tmp_path / "unpriced.json"
+    path.write_text(json.dumps(document))
+    upstreams.primary.default = fake.status(500)
+    meta = client_of(upstreams, models_file=str(path)).post("/generate", json=MAIN).get_json()["metadata"]
+    assert (meta["model"], meta["cost_usd"]) == ("unpriced", None)

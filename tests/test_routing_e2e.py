@@ -45,6 +45,8 @@ def test_two_instances_share_each_circuit_through_redis(upstreams: Upstreams, tm
         assert upstreams.primary.calls == 2
         ready = json.loads(b.request("GET", "/ready")[2])
         assert (ready["status"], ready["circuits"][upstreams.primary_name]) == ("ready", "open")
+        metrics = b.request("GET", "/metrics")[2].decode()
+        assert f'llm_circuit_state{{upstream="{upstreams.primary_name}"}} 1.0' in metrics
 
         # The fallback still answers, through the OpenAI SDK, without an attempt at the open upstream.
         sdk = openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{b.port}/v1", max_retries=0)

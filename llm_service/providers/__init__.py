@@ -10,13 +10,16 @@ from ..models_file import Routes
 from .base import Provider
 
 
-def installation_problem(settings: Settings) -> str | None:
-    """Say what is missing for the chosen backend to start, before any worker tries; None when nothing is."""
-    if settings.provider != "local":
+def installation_problem(settings: Settings, routes: Routes | None = None) -> str | None:
+    """Say what is missing for the local backend to start, if it is used, before any worker tries; else None."""
+    if routes is not None and routes.uses_local:
+        why = 'MODELS_FILE routes a model to upstream "local"'
+    elif settings.provider == "local":
+        why = f"LLM_PROVIDER is local ({settings.provider_reason})"
+    else:
         return None
     from .local import LocalModelMissing, default_model_path
 
-    why = f"LLM_PROVIDER is local ({settings.provider_reason})"
     if importlib.util.find_spec("llama_cpp") is None:
         return (
             f"{why} but llama-cpp-python is not installed: set OPENAI_API_KEY (or OPENAI_BASE_URL), "
