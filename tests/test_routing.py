@@ -85,6 +85,8 @@ def test_v1_answers_with_the_fallback_model_plain_and_streamed(upstreams: Upstre
     assert response.status_code == 200
     assert response.get_json()["model"] == "spare"
     assert response.headers["X-Fallback-From"] == "main"
+    document = client.get("/openapi.json").get_json()
+    assert "X-Fallback-From" in document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["headers"]
     assert response.get_json()["choices"][0]["message"]["content"] == "Fallback says hi"
     streamed = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
     chunks = chunk_events(streamed.get_data(as_text=True))

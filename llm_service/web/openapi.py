@@ -42,6 +42,9 @@ OPENAI_RATE = {
     for kind in ("requests", "tokens")
     for part in ("limit", "remaining", "reset")
 }
+FALLBACK = {
+    "X-Fallback-From": {"description": "with MODELS_FILE: the model asked for, when a fallback answered", **_TEXT}
+}
 SSE = {"schema": {"type": "string"}}
 
 
@@ -131,7 +134,10 @@ def build_document(app: Flask) -> dict[str, Any]:
                 "OpenAI-compatible chat completion; with stream true, chat.completion.chunk events.",
                 {
                     200: _json(
-                        "ChatCompletion", "The completion, or its chunks", stream=True, headers={**CACHE, **OPENAI_RATE}
+                        "ChatCompletion",
+                        "The completion, or its chunks",
+                        stream=True,
+                        headers={**CACHE, **OPENAI_RATE, **FALLBACK},
                     ),
                     **_errors(OPENAI_ERRORS, "OpenAIError"),
                 },
