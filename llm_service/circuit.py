@@ -43,15 +43,18 @@ if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'probe_until_ms', now + tonum
 return {1, 2, 0}
 """
 
-# ARGV: failed (1 or 0), failures threshold. Returns the state after the attempt.
+# ARGV: failed (1 or 0), failures threshold. Returns the state after the attempt. A circuit no attempt
+# has touched for a day is forgotten (closed): upstreams renamed or removed leave no keys behind.
 _RECORD_LUA = """
 if ARGV[1] == '0' then
   redis.call('HSET', KEYS[1], 'failures', 0, 'opened_ms', 0, 'probe_until_ms', 0)
+  redis.call('PEXPIRE', KEYS[1], 86400000)
   return 0
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('PEXPIRE', KEYS[1], 86400000)
 local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_ms') or '0')
 if opened ~= 0 or failures >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'opened_ms', now, 'probe_until_ms', 0)

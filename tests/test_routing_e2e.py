@@ -9,6 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import redis
 
 from llm_service import create_app
 from tests import fake_openai as fake
@@ -63,6 +64,8 @@ def test_two_instances_share_each_circuit_through_redis(upstreams: Upstreams, tm
         assert sorted(statuses) == [200] + [503] * 7  # one probe across both instances and their four workers
         assert upstreams.primary.calls == 3
         assert [a.generate(LONELY)[0], b.generate(LONELY)[0]] == [200, 200]
+    ttl_ms = redis.Redis.from_url(SHARED_REDIS).pttl(f"llm:circuit:{upstreams.primary_name}")
+    assert 0 < ttl_ms <= 86_400_000  # forgotten after a day without attempts: no key outlives its upstream for long
 
 
 @pytest.mark.e2e
