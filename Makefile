@@ -23,8 +23,12 @@ say = @echo "make: $(1)" >&2
 
 .PHONY: run test bench lint report install-dev install-local redis
 
+# gunicorn replaces the recipe's shell (exec), and where util-linux's setpriv exists it also gets SIGTERM
+# when make itself is killed (`make run & ... kill $!`), so the service never outlives the command.
+PARENT_DEATH := $(shell command -v setpriv >/dev/null 2>&1 && echo setpriv --pdeathsig TERM)
+
 run: $(VENV)/.installed-local
-	@PATH="$(abspath $(BIN)):$$PATH" sh -c "$$(sed -n 's/^web: //p' Procfile)"
+	@PATH="$(abspath $(BIN)):$$PATH" exec $(PARENT_DEATH) sh -c "exec $$(sed -n 's/^web: //p' Procfile)"
 
 test: $(VENV)/.installed-dev $(VENV)/.installed-local $(NODE_CLIENT) redis
 	$(BIN)/python -m pytest

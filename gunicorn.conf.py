@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import resource
 import shutil
@@ -27,7 +27,7 @@ else:
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 from llm_service.config import ConfigError  # noqa: E402
-from llm_service.logs import logging_config  # noqa: E402
+from llm_service.logs import configure_logging, logging_config  # noqa: E402
 from llm_service.providers import installation_problem  # noqa: E402
 from llm_service.startup import load_env  # noqa: E402
 
@@ -49,7 +49,8 @@ def _int_env(name: str, default: int, minimum: int = 1) -> int:
 
 
 def _fail(message: str) -> None:
-    print(json.dumps({"level": "CRITICAL", "logger": "llm_service.config", "message": message}), flush=True)
+    configure_logging("INFO")  # the same JSON line, ts included, as every other log line
+    logging.getLogger("llm_service.config").critical(message)
     sys.exit(1)
 
 

@@ -119,11 +119,12 @@ def build_report(records: Iterable[dict[str, Any]], slowest: int = 5) -> dict[st
 def render_text(report: dict[str, Any]) -> str:
     """Return the report as text for people."""
     lines = [f"requests        {report['requests']}"]
-    lines.append(f"error rate      {report['error_rate']:.2%} ({report['errors']} errors)")
+    errors = report["errors"]
+    lines.append(f"error rate      {report['error_rate']:.2%} ({errors} error{'' if errors == 1 else 's'})")
     for code, entry in report["errors_by_code"].items():
         lines.append(f"  {code:28} {entry['count']:>6}  {entry['rate']:.2%}")
     lat = report["latency_ms"]
-    lines.append("latency ms      " + "  ".join(f"{k} {v}" for k, v in lat.items()))
+    lines.append("latency ms      " + "  ".join(f"{k} {'-' if v is None else v}" for k, v in lat.items()))
     tok = report["tokens"]
     lines.append(f"tokens          input {tok['input']}  output {tok['output']}  total {tok['total']}")
     cost = report["cost_usd"]
@@ -158,8 +159,13 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, stdout: TextI
     parser.add_argument("--slowest", type=int, default=5, help="how many of the slowest requests to list")
     args = parser.parse_args(argv)
     if args.file and args.file != "-":
-        with open(args.file, encoding="utf-8", errors="replace") as handle:
-            report = build_report(summary_lines(handle), args.slowest)
+        try:
+            with open(args.file, encoding="utf-8", errors="replace") as handle:
+                report = build_report(summary_lines(handle), args.slowest)
+        except OSError as error:
+            hint = " (save one with `make run | tee service.log`)" if isinstance(error, FileNotFoundError) else ""
+            sys.stderr.write(f"report: cannot read {args.file}: {error.strerror}{hint}\n")
+            return 1
     else:
         report = build_report(summary_lines(stdin), args.slowest)
     stdout.write((json.dumps(report, indent=2) if args.json else render_text(report)) + "\n")

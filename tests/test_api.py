@@ -180,3 +180,16 @@ def test_openapi_document_declares_the_headers_answers_carry(client: FlaskClient
     assert {"X-Request-ID", "X-Cache", "X-RateLimit-Remaining"} <= sent <= set(declared)
     chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["headers"]
     assert {"X-Cache", "Age", "x-ratelimit-remaining-requests", "x-ratelimit-reset-tokens"} <= set(chat)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [(b'{"prompt": "Hi",', "The body is not valid JSON."), (b'["Hi"]', "The body must be a JSON object.")],
+)
+def test_a_body_that_is_not_json_or_not_an_object_says_which(
+    client: FlaskClient, upstream: FakeOpenAI, raw: bytes, message: str
+) -> None:
+    response = client.post("/generate", data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["message"] == message
+    assert upstream.calls == 0

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.servers import ROOT
+from tests.servers import ROOT, Service
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
@@ -75,3 +77,24 @@ def test_make_report_reads_the_saved_log(fake_python: Path, tmp_path: Path) -> N
     assert result.stdout.splitlines()[0].split() == ["requests", "1"]
     as_json = make("report", venv, f"PYTHON={fake_python}", f"LOG={log}", "ARGS=--json")
     assert json.loads(as_json.stdout)["requests"] == 1
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux's setpriv is not installed")
+def test_killing_make_run_stops_the_service(tmp_path: Path) -> None:
+    # `make run & ... kill $!` in a script: the signal reaches make, never gunicorn, unless it is passed on.
+    service = Service({"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, tmp_path / "run.log")
+    service.command = ["make", "--no-print-directory", "run"]
+    with service:
+        assert service.process is not None
+        service.process.send_signal(signal.SIGTERM)  # to make alone, not its process group
+        service.process.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                service.request("GET", "/health", timeout_s=1)
+            except OSError:
+                break  # refused: gunicorn is gone
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the service outlived `make run`")

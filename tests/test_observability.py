@@ -292,3 +292,17 @@ def test_report_reads_stdin_and_prints_text() -> None:
     assert "requests        5" in text
     assert "error rate      40.00% (2 errors)" in text
     assert "upstream_error" in text and "0.00076350" in text
+
+
+def test_report_on_a_missing_file_says_so_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert report_main([str(tmp_path / "service.log")], stdout=io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "make run | tee service.log" in err and "Traceback" not in err
+
+
+def test_report_on_an_empty_log_prints_dashes_not_none() -> None:
+    out = io.StringIO()
+    assert report_main([], stdin=io.StringIO(""), stdout=out) == 0
+    assert "None" not in out.getvalue() and "p50 -" in out.getvalue()

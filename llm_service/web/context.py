@@ -59,6 +59,8 @@ def load_body(schema: Schema) -> dict[str, Any]:
         body = request.get_json(silent=True)
     except RecursionError:  # nested past the parser's depth: not a ValueError, so `silent` lets it through
         raise InvalidRequest("The body is nested too deeply.") from None
+    if body is None and request.get_data(cache=True).strip() not in (b"", b"null"):
+        raise InvalidRequest("The body is not valid JSON.")
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.")
     try:
