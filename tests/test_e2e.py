@@ -14,7 +14,7 @@ import pytest
 
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
-from tests.servers import ROOT, Service, generate_in_background, start_up_failure
+from tests.servers import ROOT, Service, free_port, generate_in_background, start_up_failure
 
 pytestmark = pytest.mark.e2e
 
@@ -173,3 +173,10 @@ def test_unparseable_request_is_answered_in_the_envelope_without_echoing_it(serv
 def test_bad_settings_stop_start_up_with_one_message(tmp_path: Path) -> None:
     message = start_up_failure({"OPENAI_API_KEY": "sk-x", "MAX_CHARS": "many", "TIMEOUT": "-1"}, tmp_path)
     assert "MAX_CHARS" in message and "TIMEOUT" in message
+
+
+@pytest.mark.local_model
+def test_a_missing_local_model_file_stops_start_up_naming_the_setting(tmp_path: Path) -> None:
+    # Checked once the settings themselves are valid (a valid PORT too), still in gunicorn's master.
+    message = start_up_failure({"LOCAL_MODEL_PATH": str(tmp_path / "nowhere.gguf"), "PORT": str(free_port())}, tmp_path)
+    assert "LOCAL_MODEL_PATH" in message and "nowhere.gguf" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 from ..config import Settings
@@ -30,6 +31,8 @@ def installation_problem(settings: Settings, routes: Routes | None = None) -> st
             default_model_path()
         except LocalModelMissing as error:
             return f"{why} but {error.message}"
+    elif not os.path.isfile(settings.local_model_path):
+        return f"{why} but LOCAL_MODEL_PATH {settings.local_model_path!r} is not a file"
     return None
 
 
