@@ -149,7 +149,7 @@ def post_worker_init(worker: Any) -> None:
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        draining.set()
+        draining.begin(worker.cfg.graceful_timeout)  # streams still running near its end get an error event
         if callable(gunicorn_handler):
             gunicorn_handler(signum, frame)
 

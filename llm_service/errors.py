@@ -114,6 +114,10 @@ class UpstreamTimeout(ServiceError):
     status, code, message = 504, "upstream_timeout", "The model provider did not answer in time."
 
 
+class ShuttingDown(ServiceError):
+    status, code, message = 503, "shutting_down", "The service is restarting; retry the request."
+
+
 class UpstreamUnavailable(ServiceError):
     status, code, message = 503, "upstream_unavailable", "The model provider is failing; retry after the pause."
 

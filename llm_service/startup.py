@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,31 @@ def load_env(environ: Mapping[str, str]) -> tuple[Settings, Catalog]:
     return settings, load_catalog(settings, problems + settings.problems(), environ)
 
 
+# A stream still running this long before the worker's grace period ends is ended with an error event.
+STREAM_END_MARGIN_S = 2.0
+
+
+class Drain:
+    """A worker's shutdown, begun by SIGTERM: /ready says 503, and streams end before the grace period does."""
+
+    def __init__(self) -> None:
+        self._begun = threading.Event()
+        self._streams_end_at = math.inf
+
+    def begin(self, grace_s: float = math.inf) -> None:
+        """Start draining; a stream still running `grace_s` less a margin from now is ended."""
+        self._streams_end_at = time.monotonic() + max(grace_s - STREAM_END_MARGIN_S, 0.0)
+        self._begun.set()
+
+    def is_set(self) -> bool:
+        """Return whether the worker is draining."""
+        return self._begun.is_set()
+
+    def streams_must_end(self) -> bool:
+        """Return whether a stream must end now rather than be cut off when the worker exits."""
+        return time.monotonic() >= self._streams_end_at
+
+
 @dataclass
 class Services:
     """The objects a running app serves with, built once per app."""
@@ -129,8 +156,8 @@ class Services:
     auth: Authenticator
     quotas: QuotaGuard
     generation: GenerationService
-    # Set by gunicorn's SIGTERM (see gunicorn.conf.py): /ready then answers 503 while requests finish.
-    draining: threading.Event = field(default_factory=threading.Event)
+    # Begun by gunicorn's SIGTERM (see gunicorn.conf.py): /ready then answers 503 while requests finish.
+    draining: Drain = field(default_factory=Drain)
 
     @property
     def provider(self) -> Provider:

@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +181,38 @@ def test_a_missing_local_model_file_stops_start_up_naming_the_setting(tmp_path: 
     # Checked once the settings themselves are valid (a valid PORT too), still in gunicorn's master.
     message = start_up_failure({"LOCAL_MODEL_PATH": str(tmp_path / "nowhere.gguf"), "PORT": str(free_port())}, tmp_path)
     assert "LOCAL_MODEL_PATH" in message and "nowhere.gguf" in message
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_a_stream_still_running_at_the_end_of_a_shutdown_ends_with_an_error_event(
+    upstream: FakeOpenAI, tmp_path: Path, worker_class: str
+) -> None:
+    # DEADLINE 2: gunicorn's grace period is 7 s, so a stream still running 5 s after SIGTERM is ended.
+    upstream.enqueue(fake.stream([f"word{i} " for i in range(100)], interval_s=0.1))
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.url, "DEADLINE": "2", "WEB_CONCURRENCY": "1"}
+    env["WORKER_CLASS"] = worker_class
+    with Service(env, tmp_path / "service.log") as service:
+        events: list[bytes] = []
+
+        def read() -> None:
+            conn = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+            body = json.dumps({"prompt": "Count.", "stream": True})
+            conn.sendall(
+                f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+            )
+            with conn, conn.makefile("rb") as answer:
+                events.extend(line for line in answer if line.startswith((b"event:", b"data:")))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(1.0)
+        assert service.process is not None
+        service.process.terminate()
+        reader.join(20)
+        assert service.process.wait(20) == 0
+    assert events[-2] == b"event: error\n"
+    assert json.loads(events[-1].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
+    assert 20 < sum(line == b"event: delta\n" for line in events) < 100
+    (summary,) = [r for r in summary_lines(service) if r["path"] == "/generate"]
+    assert (summary["status"], summary["error_code"]) == (503, "shutting_down")

@@ -19,7 +19,7 @@ def init_app(app: Flask, services: Services) -> None:
 
     settings = services.settings
     app.extensions["llm_service"] = services
-    app.extensions["llm_service.draining"] = services.draining  # gunicorn.conf.py's SIGTERM hook sets it
+    app.extensions["llm_service.draining"] = services.draining  # gunicorn.conf.py's SIGTERM hook begins it
     app.extensions["llm_service.schemas"] = Schemas(
         generate=GenerateRequestSchema(
             max_chars=settings.max_chars,

@@ -1,7 +1,8 @@
 """Server-Sent Events: a generation stream answered once its first text is in hand, and finished once.
 
 Until the first text (validation, quotas, retries, waiting for the model) a failure is an ordinary JSON
-error; after it, a failure ends the stream with the API's error event. The request record is finished
+error; after it, a failure ends the stream with the API's error event, and so does a worker shutting down
+(SIGTERM) whose grace period is about to end. The request record is finished
 in one place, the body's `finally`, however the stream ends: done, failed, the client gone, or the
 response closed before it was ever read (the body is primed, so closing it runs that `finally` too).
 """
@@ -13,12 +14,13 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
-from flask import Response
+from flask import Response, current_app
 
-from ..errors import ServiceError
+from ..errors import ServiceError, ShuttingDown
 from ..generation import Generation, GenerationStream
 from ..logs import request_id_var
 from ..providers.base import TextDelta
+from ..startup import Drain
 from .record import RequestRecord
 
 log = logging.getLogger("llm_service.api")
@@ -57,7 +59,8 @@ def stream_response(record: RequestRecord, stream: GenerationStream, wire: Strea
     first = next(stream)
     time_to_first_token_ms = record.elapsed_ms
     record.streaming = True
-    body = _events(record, stream, first, wire, time_to_first_token_ms)
+    drain = current_app.extensions["llm_service"].draining
+    body = _events(record, stream, first, wire, time_to_first_token_ms, drain)
     next(body)  # enter the body's try: from here on, closing the body finishes the record
     return Response(body, status=200, mimetype="text/event-stream", headers=HEADERS)
 
@@ -68,6 +71,7 @@ def _events(
     first: TextDelta | Generation,
     wire: StreamWire,
     time_to_first_token_ms: float,
+    drain: Drain,
 ) -> Iterator[str]:
     status: int | str = "client_closed"
     token = None
@@ -78,6 +82,8 @@ def _events(
         item = first
         while isinstance(item, TextDelta):
             yield wire.delta(item.text)
+            if drain.streams_must_end():  # the worker is about to exit: say so, never cut the stream silently
+                raise ShuttingDown(retry_after_s=1)
             item = next(stream)
         status = 200
         yield from wire.done(item)
