@@ -25,7 +25,7 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 # /v1/models says when each model was "created"; this service lists them from the moment it started.
 STARTED_AT = int(time.time())
 # A fixed text: the caller's model name is never echoed back (it could be anything, of any length).
-MODEL_NOT_SERVED = "This model is not served here; see GET /v1/models."
+MODEL_NOT_SERVED = "not served here; GET /v1/models lists the models that are."
 
 
 def messages_hash(messages: tuple[Message, ...]) -> str:
