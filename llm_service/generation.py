@@ -94,6 +94,9 @@ class GenerationStream:
     def __init__(self, run: Callable[[GenerationStream], Iterator[TextDelta | Generation]]) -> None:
         self.generation: Generation | None = None
         self.cache = BYPASS_OFF  # known once the first item is: how the cache takes part
+        # Known once the first item is, when a fallback answers: the model answering, and the one asked for.
+        self.model: str | None = None
+        self.fallback_from: str | None = None
         # Set when the stream ended without a usage report and was charged an estimate instead.
         self.estimate: dict[str, Any] | None = None
         self._items = run(self)  # a generator: nothing runs before the first item is asked for
@@ -238,6 +241,8 @@ class GenerationService:
             items = self.provider.stream(params, self.deadline(started_monotonic))
             for item in items:
                 if isinstance(item, TextDelta):
+                    if item.fallback_from:
+                        out.model, out.fallback_from = item.model, item.fallback_from
                     deltas += 1
                     yield item
                 else:  # the stream is complete (never a truncated one): stored for streams and plain requests

@@ -89,7 +89,9 @@ def test_v1_answers_with_the_fallback_model_plain_and_streamed(upstreams: Upstre
     assert "X-Fallback-From" in document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["headers"]
     assert response.get_json()["choices"][0]["message"]["content"] == "Fallback says hi"
     streamed = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert streamed.headers["X-Fallback-From"] == "main"
     chunks = chunk_events(streamed.get_data(as_text=True))
+    assert {chunk["model"] for chunk in chunks[:-1]} == {"spare"}  # the last is [DONE]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"])
     assert text == "Fallback says hi"
     assert (upstreams.primary.calls, upstreams.backup.calls) == (8, 2)

@@ -79,9 +79,15 @@ class Completion:
 
 @dataclass(frozen=True)
 class TextDelta:
-    """A piece of streamed text."""
+    """A piece of streamed text.
+
+    A routed stream's first delta also says when a fallback answers: the public model answering, and the
+    one asked for (both None otherwise), so the API can say so before the first text goes out.
+    """
 
     text: str
+    model: str | None = None
+    fallback_from: str | None = None
 
 
 class Provider(Protocol):

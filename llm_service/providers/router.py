@@ -114,6 +114,8 @@ def _relay(
     requested: str,
     attempts: int,
 ) -> Iterator[TextDelta | Completion]:
+    if isinstance(first, TextDelta) and route.model != requested:
+        first = dataclasses.replace(first, model=route.model, fallback_from=requested)
     try:
         for item in itertools.chain((first,), items):
             yield item if isinstance(item, TextDelta) else _answered(item, route, requested, attempts)

@@ -97,6 +97,9 @@ def chat_completions() -> Response:
         stream = svc.generation.stream(client, params, record.started_monotonic, record.admitted, directives)
         response = stream_response(record, stream, wire)
         response.headers.update(cache_headers(stream.cache))
+        if stream.fallback_from and stream.model:  # known from the first item, before any chunk is written
+            wire.model = stream.model
+            response.headers["X-Fallback-From"] = stream.fallback_from
         record.token_window = svc.quotas.token_window(client)  # after the reservation, for x-ratelimit-*-tokens
         return response
     result = svc.generation.generate(client, params, record.started_monotonic, record.admitted, directives)
