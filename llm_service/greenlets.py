@@ -8,6 +8,7 @@ thread instead and hands results back through a `Channel` that wakes the waiting
 from __future__ import annotations
 
 import queue
+import select
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -81,6 +82,24 @@ class NativeThread:
         if not ok:
             raise value
         return value
+
+
+def readable_now(fd: int) -> bool:
+    """Return whether `fd` has data or an end of stream to read right now, without waiting or switching."""
+    # gevent's patched poll() starts and closes a watcher per descriptor even for a zero timeout: 18 us
+    # against the system call's 1.3 us, paid for every idle pooled upstream connection a request passes.
+    poll = _native_poll()
+    poller = poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _native_poll() -> Any:
+    if gevent_patched():
+        from gevent.monkey import get_original
+
+        return get_original("select", "poll")
+    return select.poll
 
 
 def time_limit(seconds: float, error: BaseException) -> AbstractContextManager[None]:
