@@ -7,6 +7,7 @@ thread instead and hands results back through a `Channel` that wakes the waiting
 
 from __future__ import annotations
 
+import os
 import queue
 import select
 import sys
@@ -82,6 +83,44 @@ class NativeThread:
         if not ok:
             raise value
         return value
+
+
+class Turnstile:
+    """Let one greenlet at a time through to a CPU-heavy stretch of work; the next goes when it next waits.
+
+    Under gevent a greenlet runs until it waits. When a burst of requests (or upstream answers) is ready at
+    once, the hub would run each one's heavy stretch back to back before it next polls the network, so a new
+    connection, a health probe among them, waited behind all of them. Behind the turnstile those stretches
+    queue here instead, one per turn of the hub, and whatever else is ready (new connections, probes, other
+    callbacks) runs between them. Without gevent it does nothing: threads are scheduled by the OS.
+    """
+
+    def __init__(self) -> None:
+        self._lock: Any = None
+        if gevent_patched():
+            import gevent
+            import gevent.lock
+
+            self._lock = gevent.lock.Semaphore(1)
+            self._loop = gevent.get_hub().loop
+
+    def pass_through(self) -> None:
+        """Wait for the turnstile, then hold it until this greenlet next yields to the hub."""
+        if self._lock is None:
+            return
+        self._lock.acquire()
+        self._loop.run_callback(self._lock.release)  # callbacks run only once this greenlet yields
+
+
+_turnstiles: dict[int, Turnstile] = {}
+
+
+def cpu_turnstile() -> Turnstile:
+    """Return this process's turnstile, made on first use (after gunicorn forks the worker and gevent patches it)."""
+    pid = os.getpid()
+    if pid not in _turnstiles:
+        _turnstiles[pid] = Turnstile()
+    return _turnstiles[pid]
 
 
 def readable_now(fd: int) -> bool:

@@ -19,7 +19,7 @@ import httpcore2
 import httpx2
 from httpcore2 import NetworkBackend, NetworkStream
 
-from ..greenlets import readable_now
+from ..greenlets import cpu_turnstile, readable_now
 
 _deadline_var: ContextVar[float | None] = ContextVar("upstream_deadline", default=None)
 
@@ -49,7 +49,9 @@ class _DeadlineStream(NetworkStream):
         self._inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _bounded(timeout, httpcore2.ReadTimeout))
+        data = self._inner.read(max_bytes, _bounded(timeout, httpcore2.ReadTimeout))
+        cpu_turnstile().pass_through()  # what follows an upstream answer (or event) is heavy: take turns
+        return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._inner.write(buffer, _bounded(timeout, httpcore2.WriteTimeout))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import Overloaded, RequestTimeout, ServiceError
-from ..greenlets import time_limit
+from ..greenlets import cpu_turnstile, time_limit
 from ..metrics import REJECTED
 from .errors import envelope, openai_envelope
 from .record import REQUEST_ID_HEADER, request_id_from
@@ -43,6 +43,7 @@ class Admission:
         self.in_flight = 0
         self._lock = threading.Lock()  # a greenlet lock under gevent; a real one under gthread
         self._last_warning_monotonic = 0.0
+        self._turnstile = cpu_turnstile()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") in PROBE_PATHS:
@@ -51,10 +52,11 @@ class Admission:
             admitted = self.in_flight < self.max_in_flight
             if admitted:
                 self.in_flight += 1
-        if not admitted:
+        if not admitted:  # refused at once: a refusal is cheap, and must not wait
             self._warn_overloaded()
             REJECTED.labels("overloaded").inc()
             return _refuse(Overloaded(retry_after_s=1.0), environ, start_response)
+        self._turnstile.pass_through()  # a request's work up to its upstream call is heavy: take turns
         try:
             try:
                 self._read_body(environ)
