@@ -81,6 +81,7 @@ class Seen:
     headers: dict[str, str]
     body: dict[str, Any]
     disconnected: threading.Event = field(default_factory=threading.Event)
+    client_port: int = 0  # the caller's side of the connection: the same port means a reused connection
 
 
 class FakeOpenAI:
@@ -133,7 +134,8 @@ class FakeOpenAI:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
-                seen = Seen(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                seen = Seen(self.path, headers, body, client_port=self.client_address[1])
                 reply = fake._next(seen)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)

@@ -51,6 +51,20 @@ def test_stream_sends_deltas_then_done_with_exact_usage(client: FlaskClient, ups
     assert upstream.requests[0].body["stream_options"] == {"include_usage": True}
 
 
+def test_finished_streams_keep_their_upstream_connection(
+    make_settings: Callable[..., Settings], upstream: FakeOpenAI
+) -> None:
+    # The SDK stops reading at [DONE] and closes, before the chunked body's last bytes, which dropped the
+    # connection: every stream opened a new one (a TLS handshake against a real upstream). MAX_IN_FLIGHT=32
+    # gives one connection pool, so a kept connection serves every call.
+    client = create_app(make_settings(max_in_flight=32)).test_client()
+    for _ in range(3):
+        upstream.enqueue(fake.stream(["Hel", "lo"]))
+        assert parse_events(client.post("/generate", json=STREAM).get_data(as_text=True))[-1][0] == "done"
+    client.post("/generate", json={"prompt": "Say hello."})
+    assert len({seen.client_port for seen in upstream.requests}) == 1
+
+
 def test_invalid_stream_request_is_an_ordinary_json_error(client: FlaskClient, upstream: FakeOpenAI) -> None:
     for payload in ({"prompt": "", "stream": True}, {"prompt": "Hi", "stream": "yes"}):
         response = client.post("/generate", json=payload)

@@ -23,6 +23,9 @@ from ..greenlets import cpu_turnstile, readable_now
 
 _deadline_var: ContextVar[float | None] = ContextVar("upstream_deadline", default=None)
 
+# How long a response closed before its end may take to finish arriving, so that its connection is kept.
+DRAIN_S = 0.05
+
 
 @contextmanager
 def deadline(deadline_monotonic: float) -> Iterator[None]:
@@ -115,6 +118,37 @@ class _DeadlinePool(httpx2.HTTPTransport):
         )
 
 
+class _KeepAliveBody(httpx2.SyncByteStream):
+    """A response body that, closed before its end, first reads what is left for a moment to keep its connection.
+
+    The SDK's synchronous stream stops reading at `[DONE]` and closes the response, just before the chunked
+    body's last bytes: httpcore then drops the connection, and every stream paid for a new one (a TCP
+    connect and a threadpool name lookup here; a TLS handshake too against a real upstream).
+    """
+
+    def __init__(self, inner: httpx2.SyncByteStream) -> None:
+        self._inner = inner
+        self._chunks: Iterator[bytes] | None = None
+        self._ended = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._chunks = iter(self._inner)
+        yield from self._chunks
+        self._ended = True
+
+    def close(self) -> None:
+        try:
+            if self._chunks is not None and not self._ended:
+                limit = time.monotonic() + DRAIN_S
+                with deadline(min(limit, _deadline_var.get() or limit)):
+                    for _ in self._chunks:  # the rest of the body; a stream cut short by its reader times out here
+                        pass
+        except httpx2.HTTPError:
+            pass  # not over in time, or broken: the connection is dropped, as before
+        finally:
+            self._inner.close()
+
+
 class DeadlineTransport(httpx2.BaseTransport):
     """Upstream connections whose sockets obey the deadline, spread over small pools.
 
@@ -133,7 +167,10 @@ class DeadlineTransport(httpx2.BaseTransport):
         self._turn = itertools.count()
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        return self._shards[next(self._turn) % len(self._shards)].handle_request(request)
+        response = self._shards[next(self._turn) % len(self._shards)].handle_request(request)
+        if isinstance(response.stream, httpx2.SyncByteStream):
+            response.stream = _KeepAliveBody(response.stream)
+        return response
 
     def close(self) -> None:
         for shard in self._shards:
