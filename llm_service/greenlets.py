@@ -7,6 +7,7 @@ thread instead and hands results back through a `Channel` that wakes the waiting
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import select
@@ -127,14 +128,14 @@ def readable_now(fd: int) -> bool:
     """Return whether `fd` has data or an end of stream to read right now, without waiting or switching."""
     # gevent's patched poll() starts and closes a watcher per descriptor even for a zero timeout: 18 us
     # against the system call's 1.3 us, paid for every idle pooled upstream connection a request passes.
-    poll = _native_poll()
-    poller = poll()
+    poller = _native_poll()()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
 
 
+@functools.cache
 def _native_poll() -> Any:
-    if gevent_patched():
+    if gevent_patched():  # looked up once, after gunicorn's gevent worker has patched the process
         from gevent.monkey import get_original
 
         return get_original("select", "poll")
