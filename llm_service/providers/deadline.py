@@ -25,6 +25,8 @@ _deadline_var: ContextVar[float | None] = ContextVar("upstream_deadline", defaul
 
 # How long a response closed before its end may take to finish arriving, so that its connection is kept.
 DRAIN_S = 0.05
+# Request bytes held back to go out in one write with what follows them (a request's head and body).
+UNSENT_MAX_BYTES = 64 * 1024
 
 
 @contextmanager
@@ -48,16 +50,38 @@ def _bounded(timeout: float | None, error: type[Exception]) -> float | None:
 
 
 class _DeadlineStream(NetworkStream):
+    """A connection's socket, bounded by the deadline, that sends a request's head and body in one write.
+
+    httpcore writes a request's headers, then its body: two system calls (and two TCP segments) per call.
+    Writes are held until the next read, when the response is awaited, or until there is plenty to send.
+    """
+
     def __init__(self, inner: NetworkStream) -> None:
         self._inner = inner
+        self._unsent: list[bytes] = []
+        self._unsent_bytes = 0
+        self._write_timeout: float | None = None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._send_unsent()
         data = self._inner.read(max_bytes, _bounded(timeout, httpcore2.ReadTimeout))
         cpu_turnstile().pass_through()  # what follows an upstream answer (or event) is heavy: take turns
         return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _bounded(timeout, httpcore2.WriteTimeout))
+        if buffer:
+            self._unsent.append(buffer)
+            self._unsent_bytes += len(buffer)
+            self._write_timeout = timeout
+        if self._unsent_bytes >= UNSENT_MAX_BYTES:
+            self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        if self._unsent:
+            data = b"".join(self._unsent)
+            self._unsent.clear()
+            self._unsent_bytes = 0
+            self._inner.write(data, _bounded(self._write_timeout, httpcore2.WriteTimeout))
 
     def close(self) -> None:
         self._inner.close()
