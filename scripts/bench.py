@@ -17,6 +17,8 @@
    `done`, slowest <= 4 s); RSS per worker after the load (<= 150 MB); MAX_IN_FLIGHT=100 under 600 calls
    (the excess 503 `overloaded` at once, nothing else fails); 300 slowloris + 300 idle keep-alive + 150
    never-closing clients held open (fresh /health < 200 ms, a /generate succeeds, no worker killed).
+   Also the workers' CPU ms per call and per stream (utime + stime from /proc): steadier than wall time
+   when other work shares the machine.
    With --candidates, the same 1,000 /generate on gthread workers (THREADS=64, the old default, and 512).
 6. cache: p50 latency of a response-cache hit next to a miss, one request at a time on an instant
    upstream, with the cache in worker memory and in Redis (when one answers on REDIS_URL or
@@ -344,6 +346,24 @@ async def burst_with_probes(port: int, clients: int, body: dict[str, Any]) -> tu
     return await calls, checks
 
 
+def workers_cpu_s(service: Service) -> float:
+    """Return the CPU seconds (user + system) the gunicorn workers have used so far."""
+    assert service.process is not None
+    children = Path(f"/proc/{service.process.pid}/task/{service.process.pid}/children").read_text().split()
+    ticks = 0
+    for pid in children:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms_per_call(service: Service, run: Any, calls: int) -> tuple[Any, float]:
+    """Run `run()` and return its result with the workers' CPU per call in ms: steadier than wall time on a busy box."""
+    before = workers_cpu_s(service)
+    result = run()
+    return result, round((workers_cpu_s(service) - before) / calls * 1000, 2)
+
+
 def worker_boots(service: Service) -> int:
     return sum("Booting worker" in r.get("message", "") for r in service.log_records())
 
@@ -364,13 +384,18 @@ def bench_capacity(workdir: Path, candidates: bool) -> dict[str, Any]:
             # reported apart, and the targets apply to the steady state after it.
             first = asyncio.run(load.burst(service.port, clients, "/generate", PROMPT))
             results["generate_first_burst"] = spread(first)
-            calls, checks = asyncio.run(burst_with_probes(service.port, clients, PROMPT))
-            results["generate"] = spread(calls)
+            (calls, checks), cpu_ms = cpu_ms_per_call(
+                service, lambda: asyncio.run(burst_with_probes(service.port, clients, PROMPT)), clients
+            )
+            results["generate"] = {**spread(calls), "cpu_ms_per_call": cpu_ms}
             results["health_during_load"] = probe_ms(checks)
             stream = {**PROMPT, "stream": True}
             results["streams_first_burst"] = spread(asyncio.run(load.burst(service.port, clients, "/generate", stream)))
-            streams = asyncio.run(load.burst(service.port, clients, "/generate", stream))
-            results["streams"] = {**spread(streams), "done": sum(b"event: done" in o.body for o in streams)}
+            streams, cpu_ms = cpu_ms_per_call(
+                service, lambda: asyncio.run(load.burst(service.port, clients, "/generate", stream)), clients
+            )
+            done = sum(b"event: done" in o.body for o in streams)
+            results["streams"] = {**spread(streams), "done": done, "cpu_ms_per_stream": cpu_ms}
             results["rss_mb_per_worker"] = [w["rss_mb"] for w in worker_memory_mb(service)]
             boots = worker_boots(service)
             results["hostile"] = asyncio.run(hostile(service.port))
