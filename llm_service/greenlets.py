@@ -87,13 +87,14 @@ class NativeThread:
 
 
 class Turnstile:
-    """Let one greenlet at a time through to a CPU-heavy stretch of work; the next goes when it next waits.
+    """Let one greenlet at a time through to a CPU-heavy stretch of work; the next goes after the hub next polls.
 
     Under gevent a greenlet runs until it waits. When a burst of requests (or upstream answers) is ready at
-    once, the hub would run each one's heavy stretch back to back before it next polls the network, so a new
+    once, the hub would run each one's heavy stretch back to back before it next polled the network, so a new
     connection, a health probe among them, waited behind all of them. Behind the turnstile those stretches
-    queue here instead, one per turn of the hub, and whatever else is ready (new connections, probes, other
-    callbacks) runs between them. Without gevent it does nothing: threads are scheduled by the OS.
+    queue here instead, and the turnstile reopens on a zero-delay timer, which the hub fires only after its
+    next poll: between two heavy stretches new connections are accepted and whatever is ready runs. Without
+    gevent it does nothing: threads are scheduled by the OS.
     """
 
     def __init__(self) -> None:
@@ -106,11 +107,18 @@ class Turnstile:
             self._loop = gevent.get_hub().loop
 
     def pass_through(self) -> None:
-        """Wait for the turnstile, then hold it until this greenlet next yields to the hub."""
+        """Wait for the turnstile, then hold it until this greenlet has yielded and the hub has polled."""
         if self._lock is None:
             return
         self._lock.acquire()
-        self._loop.run_callback(self._lock.release)  # callbacks run only once this greenlet yields
+        # Reopened by a timer, not a plain callback: the hub runs up to 50 callbacks between polls, so a
+        # callback would let ~15 heavy stretches through per poll (a probe waited 15 ms, not 2.5 ms).
+        timer = self._loop.timer(0.0)
+        timer.start(self._release, timer)
+
+    def _release(self, timer: Any) -> None:
+        timer.close()
+        self._lock.release()
 
 
 _turnstiles: dict[int, Turnstile] = {}
