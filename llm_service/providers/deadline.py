@@ -89,6 +89,7 @@ class _DeadlineStream(NetworkStream):
     def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
     ) -> NetworkStream:
+        self._send_unsent()  # nothing is held then in practice (a proxy's CONNECT is answered first), but in order
         bounded = _bounded(timeout, httpcore2.ConnectTimeout)
         return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bounded))
 
