@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import socket
+import sys
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts import load  # noqa: E402
 
 
 def completion(model: str) -> dict[str, Any]:
@@ -39,22 +45,28 @@ def chunk(model: str, delta: dict[str, Any], finish: str | None, usage: dict[str
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+@functools.cache
+def encoded(model: str, chunks: int) -> tuple[bytes, bytes, bytes]:
+    """Return a model's answer, one text event and the stream's last events, encoded once: the upstream's CPU is
+    the load's, on the same cores as the service, so it does as little per call as a real server's cache would."""
+    usage = {"prompt_tokens": 12, "completion_tokens": chunks, "total_tokens": 12 + chunks}
+    tail = chunk(model, {}, "stop") + chunk(model, {}, None, usage) + b"data: [DONE]\n\n"
+    return json.dumps(completion(model)).encode(), chunk(model, {"content": "word "}, None), tail
+
+
 def make_app(delay_s: float, chunks: int) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        model = body.get("model", "gpt-4o-mini")
+        answer, text_event, tail = encoded(str(body.get("model", "gpt-4o-mini")), chunks)
         if not body.get("stream"):
             await asyncio.sleep(delay_s)
-            return web.json_response(completion(model), headers={"x-request-id": "req_bench"})
+            return web.Response(body=answer, content_type="application/json", headers={"x-request-id": "req_bench"})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req_bench"})
         await response.prepare(request)
         for _ in range(chunks):
             await asyncio.sleep(delay_s / chunks)
-            await response.write(chunk(model, {"content": "word "}, None))
-        await response.write(chunk(model, {}, "stop"))
-        usage = {"prompt_tokens": 12, "completion_tokens": chunks, "total_tokens": 12 + chunks}
-        await response.write(chunk(model, {}, None, usage))
-        await response.write(b"data: [DONE]\n\n")
+            await response.write(text_event)
+        await response.write(tail)
         await response.write_eof()
         return response
 
@@ -81,7 +93,7 @@ def main() -> None:
     parser.add_argument("--delay-s", type=float, default=2.0)
     parser.add_argument("--chunks", type=int, default=20)
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.delay_s, args.chunks))
+    load.run(serve(args.port, args.delay_s, args.chunks))
 
 
 if __name__ == "__main__":

@@ -375,35 +375,33 @@ def bench_capacity(workdir: Path, candidates: bool) -> dict[str, Any]:
     with AsyncUpstream(2.0, 20) as upstream:
         # The load generator and upstream alone: the floor every figure below stands on.
         chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello."}]}
-        results["upstream_alone"] = spread(
-            asyncio.run(load.burst(upstream.port, clients, "/v1/chat/completions", chat))
-        )
+        results["upstream_alone"] = spread(load.run(load.burst(upstream.port, clients, "/v1/chat/completions", chat)))
         env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": upstream.url, "RATE_LIMIT": NO_LIMIT}
         with Service(env, workdir / "capacity.log") as service:
             # A fresh worker's first burst also opens every upstream connection and grows its heap: it is
             # reported apart, and the targets apply to the steady state after it.
-            first = asyncio.run(load.burst(service.port, clients, "/generate", PROMPT))
+            first = load.run(load.burst(service.port, clients, "/generate", PROMPT))
             results["generate_first_burst"] = spread(first)
             (calls, checks), cpu_ms = cpu_ms_per_call(
-                service, lambda: asyncio.run(burst_with_probes(service.port, clients, PROMPT)), clients
+                service, lambda: load.run(burst_with_probes(service.port, clients, PROMPT)), clients
             )
             results["generate"] = {**spread(calls), "cpu_ms_per_call": cpu_ms}
             results["health_during_load"] = probe_ms(checks)
             stream = {**PROMPT, "stream": True}
-            results["streams_first_burst"] = spread(asyncio.run(load.burst(service.port, clients, "/generate", stream)))
+            results["streams_first_burst"] = spread(load.run(load.burst(service.port, clients, "/generate", stream)))
             streams, cpu_ms = cpu_ms_per_call(
-                service, lambda: asyncio.run(load.burst(service.port, clients, "/generate", stream)), clients
+                service, lambda: load.run(load.burst(service.port, clients, "/generate", stream)), clients
             )
             done = sum(b"event: done" in o.body for o in streams)
             results["streams"] = {**spread(streams), "done": done, "cpu_ms_per_stream": cpu_ms}
             results["rss_mb_per_worker"] = [w["rss_mb"] for w in worker_memory_mb(service)]
             boots = worker_boots(service)
-            results["hostile"] = asyncio.run(hostile(service.port))
+            results["hostile"] = load.run(hostile(service.port))
             service.stop()
             results["hostile"]["workers_killed"] = worker_boots(service) - boots
         with Service({**env, "MAX_IN_FLIGHT": "100"}, workdir / "shedding.log") as service:
-            asyncio.run(load.burst(service.port, 600, "/generate", PROMPT))  # the steady state, as above
-            shed = asyncio.run(load.burst(service.port, 600, "/generate", PROMPT))
+            load.run(load.burst(service.port, 600, "/generate", PROMPT))  # the steady state, as above
+            shed = load.run(load.burst(service.port, 600, "/generate", PROMPT))
             refused = [o for o in shed if o.status == 503]
             results["shedding"] = {
                 "max_in_flight_per_worker": 100,
@@ -417,8 +415,8 @@ def bench_capacity(workdir: Path, candidates: bool) -> dict[str, Any]:
             for threads in (64, 512):
                 gthread = {**env, "WORKER_CLASS": "gthread", "THREADS": str(threads)}
                 with Service(gthread, workdir / f"gthread-{threads}.log") as service:
-                    asyncio.run(load.burst(service.port, clients, "/generate", PROMPT))  # the steady state, as above
-                    calls, checks = asyncio.run(burst_with_probes(service.port, clients, PROMPT))
+                    load.run(load.burst(service.port, clients, "/generate", PROMPT))  # the steady state, as above
+                    calls, checks = load.run(burst_with_probes(service.port, clients, PROMPT))
                     results[f"gthread_{threads}_generate"] = {
                         **spread(calls),
                         "health_p99_ms": probe_ms(checks)["p99_ms"],
