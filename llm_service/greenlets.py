@@ -104,7 +104,8 @@ class Turnstile:
             import gevent.lock
 
             self._lock = gevent.lock.Semaphore(1)
-            self._loop = gevent.get_hub().loop
+            # One holder at a time, so one timer serves every pass: it is idle again before the next acquire.
+            self._timer = gevent.get_hub().loop.timer(0.0)
 
     def pass_through(self) -> None:
         """Wait for the turnstile, then hold it until this greenlet has yielded and the hub has polled."""
@@ -113,23 +114,27 @@ class Turnstile:
         self._lock.acquire()
         # Reopened by a timer, not a plain callback: the hub runs up to 50 callbacks between polls, so a
         # callback would let ~15 heavy stretches through per poll (a probe waited 15 ms, not 2.5 ms).
-        timer = self._loop.timer(0.0)
-        timer.start(self._release, timer)
-
-    def _release(self, timer: Any) -> None:
-        timer.close()
-        self._lock.release()
+        self._timer.start(self._lock.release)
 
 
-_turnstiles: dict[int, Turnstile] = {}
+_turnstile: Turnstile | None = None
+
+
+def _forget_turnstile() -> None:
+    global _turnstile
+    _turnstile = None
+
+
+os.register_at_fork(after_in_child=_forget_turnstile)  # a forked worker makes its own, on its own hub
 
 
 def cpu_turnstile() -> Turnstile:
     """Return this process's turnstile, made on first use (after gunicorn forks the worker and gevent patches it)."""
-    pid = os.getpid()
-    if pid not in _turnstiles:
-        _turnstiles[pid] = Turnstile()
-    return _turnstiles[pid]
+    # Asked on every upstream read: a module global, not a lookup by os.getpid(), which is a system call.
+    global _turnstile
+    if _turnstile is None:
+        _turnstile = Turnstile()
+    return _turnstile
 
 
 def readable_now(fd: int) -> bool:

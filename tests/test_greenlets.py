@@ -60,3 +60,22 @@ def test_readable_now_sees_data_and_end_of_stream_without_waiting() -> None:
         """
     )
     assert out == "False True"
+
+
+def test_a_forked_worker_makes_its_own_turnstile() -> None:
+    # gunicorn forks workers: one made before the fork belongs to the parent's hub and must not be reused.
+    out = run_patched(
+        """
+        import os
+        from llm_service.greenlets import cpu_turnstile
+
+        parent = cpu_turnstile()
+        read, write = os.pipe()
+        if os.fork() == 0:
+            os.write(write, b"same" if cpu_turnstile() is parent else b"own")
+            os._exit(0)
+        os.wait()
+        print(os.read(read, 4).decode(), cpu_turnstile() is parent)
+        """
+    )
+    assert out == "own True"
