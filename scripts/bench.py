@@ -18,7 +18,7 @@
    (the excess 503 `overloaded` at once, nothing else fails); 300 slowloris + 300 idle keep-alive + 150
    never-closing clients held open (fresh /health < 200 ms, a /generate succeeds, no worker killed).
    Also the workers' CPU ms per call and per stream (utime + stime from /proc): steadier than wall time
-   when other work shares the machine.
+   when other work shares the machine; and the harness's (load generator + upstream), which shares the cores.
    With --candidates, the same 1,000 /generate on gthread workers (THREADS=64, the old default, and 512).
 6. cache: p50 latency of a response-cache hit next to a miss, one request at a time on an instant
    upstream, with the cache in worker memory and in Redis (when one answers on REDIS_URL or
@@ -32,6 +32,7 @@ import asyncio
 import http.client
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -346,22 +347,34 @@ async def burst_with_probes(port: int, clients: int, body: dict[str, Any]) -> tu
     return await calls, checks
 
 
+def process_cpu_s(pid: int | str) -> float:
+    """Return the CPU seconds (user + system) process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def workers_cpu_s(service: Service) -> float:
-    """Return the CPU seconds (user + system) the gunicorn workers have used so far."""
+    """Return the CPU seconds the gunicorn workers have used so far."""
     assert service.process is not None
     children = Path(f"/proc/{service.process.pid}/task/{service.process.pid}/children").read_text().split()
-    ticks = 0
-    for pid in children:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(process_cpu_s(pid) for pid in children)
 
 
-def cpu_ms_per_call(service: Service, run: Any, calls: int) -> tuple[Any, float]:
-    """Run `run()` and return its result with the workers' CPU per call in ms: steadier than wall time on a busy box."""
-    before = workers_cpu_s(service)
+def cpu_ms_per_call(service: Service, upstream: FakeUpstream, run: Any, calls: int) -> tuple[Any, dict[str, float]]:
+    """Run `run()`; return its result and the CPU ms per call of the workers and of the harness (load + upstream).
+
+    CPU is steadier than wall time on a busy machine, and the harness's shows what it took of the shared cores.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    before = (workers_cpu_s(service), process_cpu_s(upstream.process.pid), own.ru_utime + own.ru_stime)
     result = run()
-    return result, round((workers_cpu_s(service) - before) / calls * 1000, 2)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    after = (workers_cpu_s(service), process_cpu_s(upstream.process.pid), own.ru_utime + own.ru_stime)
+    harness_s = (after[1] - before[1]) + (after[2] - before[2])
+    return result, {
+        "cpu_ms_per_call": round((after[0] - before[0]) / calls * 1000, 2),
+        "harness_cpu_ms_per_call": round(harness_s / calls * 1000, 2),
+    }
 
 
 def worker_boots(service: Service) -> int:
@@ -382,18 +395,19 @@ def bench_capacity(workdir: Path, candidates: bool) -> dict[str, Any]:
             # reported apart, and the targets apply to the steady state after it.
             first = load.run(load.burst(service.port, clients, "/generate", PROMPT))
             results["generate_first_burst"] = spread(first)
-            (calls, checks), cpu_ms = cpu_ms_per_call(
-                service, lambda: load.run(burst_with_probes(service.port, clients, PROMPT)), clients
+            (calls, checks), cpu = cpu_ms_per_call(
+                service, upstream, lambda: load.run(burst_with_probes(service.port, clients, PROMPT)), clients
             )
-            results["generate"] = {**spread(calls), "cpu_ms_per_call": cpu_ms}
+            results["generate"] = {**spread(calls), **cpu}
             results["health_during_load"] = probe_ms(checks)
             stream = {**PROMPT, "stream": True}
             results["streams_first_burst"] = spread(load.run(load.burst(service.port, clients, "/generate", stream)))
-            streams, cpu_ms = cpu_ms_per_call(
-                service, lambda: load.run(load.burst(service.port, clients, "/generate", stream)), clients
+            streams, cpu = cpu_ms_per_call(
+                service, upstream, lambda: load.run(load.burst(service.port, clients, "/generate", stream)), clients
             )
             done = sum(b"event: done" in o.body for o in streams)
-            results["streams"] = {**spread(streams), "done": done, "cpu_ms_per_stream": cpu_ms}
+            per_stream = {key.replace("_per_call", "_per_stream"): value for key, value in cpu.items()}
+            results["streams"] = {**spread(streams), "done": done, **per_stream}
             results["rss_mb_per_worker"] = [w["rss_mb"] for w in worker_memory_mb(service)]
             boots = worker_boots(service)
             results["hostile"] = load.run(hostile(service.port))
