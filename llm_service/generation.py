@@ -174,7 +174,8 @@ class GenerationService:
                 # An upstream's plain answer never arrived: its size is unknown, and OpenAI bills a plain
                 # generation to its end even when its caller has gone, so it is charged as reserved.
                 output_tokens = params.max_tokens if gone.output_tokens is None else gone.output_tokens
-                gone.log_fields = self._charge_estimate(params, reservation, output_tokens, gone.input_tokens)
+                charged = self._charge_estimate(params, reservation, output_tokens, gone.input_tokens)
+                gone.log_fields = {**describe(ticket.status), **charged}  # as a cut stream's summary line has
                 raise
             return self._stored(ticket, self._settled(completion, params, reservation, started_monotonic))
         finally:

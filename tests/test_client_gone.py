@@ -133,6 +133,7 @@ def test_a_client_that_leaves_closes_the_upstream_call(
         assert time.monotonic() - closed_at < 1.5  # the upstream would have answered 4.5 s later
         (summary,) = summaries(service)
         assert summary["status"] == "client_closed" and "error_code" not in summary
+        assert summary["cache"] == "bypass"  # as a cut stream says how the cache took part (sampled: not cached)
         assert summary["latency_ms"] < 1500
         # The answer never came, so its size is unknown: it is charged as reserved (prompt estimate + max_tokens).
         input_tokens = estimate_input_tokens(params)
