@@ -130,5 +130,11 @@ class UpstreamRejected(ServiceError):
     status, code, message = 400, "upstream_rejected", "The model provider rejected the request."
 
 
+class ClientClosed(ServiceError):
+    # nginx's 499: the client closed its connection before its plain answer was ready. Written to a closed
+    # connection, so no client reads it; the summary line says "client_closed".
+    status, code, message = 499, "client_closed", "The client closed its connection before the answer was ready."
+
+
 class LocalModelBusy(ServiceError):
     status, code, message = 503, "local_model_busy", "The local model is busy; retry later."

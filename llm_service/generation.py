@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -20,6 +21,7 @@ from .cache import (
     describe,
     replay_pieces,
 )
+from .client_watch import ClientGone, ClientWatch
 from .clients import Client
 from .errors import RateWindow, ServiceError
 from .pricing import PriceTable
@@ -149,8 +151,13 @@ class GenerationService:
         started_monotonic: float,
         on_admit: OnAdmit = None,
         directives: CacheDirectives = NO_DIRECTIVES,
+        watch: ClientWatch | None = None,
     ) -> Generation:
-        """Answer from the cache, or admit the request within the client's quotas, generate, price, settle, store."""
+        """Answer from the cache, or admit the request within the client's quotas, generate, price, settle, store.
+
+        With `watch`, a client that closes its connection while the backend works stops it: ClientGone is
+        raised once what was used is settled, with the summary-log fields of that charge.
+        """
         ticket = self.cache.ticket(client, params, directives)
         try:
             answer = ticket.find(self.deadline(started_monotonic))
@@ -158,9 +165,17 @@ class GenerationService:
                 return self._hit(client, answer, ticket.status, started_monotonic, on_admit)
             reservation = self._admit(client, params, on_admit)
             try:
-                completion = self.provider.complete(params, self.deadline(started_monotonic))
+                with nullcontext() if watch is None else watch:
+                    completion = self.provider.complete(params, self.deadline(started_monotonic))
             except ServiceError:
                 self.quotas.release(reservation)
+                raise
+            except ClientGone as gone:
+                # An upstream's plain answer never arrived: its size is unknown, and OpenAI bills a plain
+                # generation to its end even when its caller has gone, so it is charged as reserved.
+                output_tokens = params.max_tokens if gone.output_tokens is None else gone.output_tokens
+                charged = self._charge_estimate(params, reservation, output_tokens, gone.input_tokens)
+                gone.log_fields = {**describe(ticket.status), **charged}  # as a cut stream's summary line has
                 raise
             return self._stored(ticket, self._settled(completion, params, reservation, started_monotonic))
         finally:
@@ -260,17 +275,21 @@ class GenerationService:
             if deltas and out.generation is None:
                 out.estimate = self._charge_estimate(params, reservation, deltas)
 
-    def _charge_estimate(self, params: GenerationParams, reservation: Reservation, deltas: int) -> dict[str, Any]:
-        """Charge a stream that ended without a usage report (client gone, upstream failed mid-way).
+    def _charge_estimate(
+        self, params: GenerationParams, reservation: Reservation, output_tokens: int, input_tokens: int | None = None
+    ) -> dict[str, Any]:
+        """Charge a generation that ended without a usage report (client gone, upstream failed mid-way).
 
-        The upstream still bills what it generated; without this, abandoning streams would dodge
-        budgets. Input is over-estimated from the prompt's length; output counts a token per delta.
+        The upstream still bills what it generated; without this, abandoning requests would dodge
+        budgets. Input, unless known, is over-estimated from the prompt's length; a stream's output
+        counts a token per delta.
         """
-        input_tokens = estimate_input_tokens(params)
-        cost_usd = self._cost_usd(TokenUsage(input=input_tokens, output=deltas), params.model)
-        self.quotas.settle(reservation, input_tokens + deltas, cost_usd)
+        if input_tokens is None:
+            input_tokens = estimate_input_tokens(params)
+        cost_usd = self._cost_usd(TokenUsage(input=input_tokens, output=output_tokens), params.model)
+        self.quotas.settle(reservation, input_tokens + output_tokens, cost_usd)
         return {
-            "tokens_estimated": input_tokens + deltas,
+            "tokens_estimated": input_tokens + output_tokens,
             "cost_usd_estimated": None if cost_usd is None else float(cost_usd),
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import socket
 import struct
 import threading
@@ -137,9 +138,23 @@ class FakeOpenAI:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 seen = Seen(self.path, headers, body, client_port=self.client_address[1])
                 reply = fake._next(seen)
-                if reply.delay_s:
-                    time.sleep(reply.delay_s)
+                if reply.delay_s and not self._wait(reply.delay_s):
+                    seen.disconnected.set()  # the caller left while the answer was being made: stop, as vLLM does
+                    self.close_connection = True
+                    return
                 getattr(self, f"_reply_{reply.kind}")(reply, seen)
+
+            def _wait(self, delay_s: float) -> bool:
+                """Wait `delay_s` before answering; False at once if the caller closes the connection meanwhile."""
+                end = time.monotonic() + delay_s
+                if select.select([self.connection], [], [], delay_s)[0]:
+                    try:
+                        if not self.connection.recv(1, socket.MSG_PEEK):
+                            return False
+                    except OSError:
+                        return False
+                    time.sleep(max(end - time.monotonic(), 0.0))  # data, not an end: wait out the delay
+                return True
 
             def _send_json(self, code: int, payload: bytes, headers: dict[str, str]) -> None:
                 self.send_response(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from llm_service import create_app
+from llm_service.client_watch import ClientGone, ClientWatch
 from llm_service.config import Settings
 from llm_service.errors import LocalModelBusy, UpstreamRejected, UpstreamTimeout
 from llm_service.providers.base import Completion, GenerationParams
@@ -254,3 +256,31 @@ def test_local_model_honours_stop_and_json_response_format(local_service: Servic
         response_format={"type": "json_object"},
     )
     assert isinstance(json.loads(as_json.choices[0].message.content or ""), dict)
+
+
+def test_a_client_that_leaves_stops_the_running_generation(provider: LocalProvider) -> None:
+    # The wait for the model asks the client's socket every 0.1 s (threads); its close stops the model.
+    server, client = socket.socketpair()
+    threading.Timer(1.0, client.close).start()  # the prompt takes about 0.4 s here, then tokens come
+    started = time.monotonic()
+    with server, pytest.raises(ClientGone) as gone, ClientWatch(server):
+        provider.complete(LONG, time.monotonic() + 10)
+    assert time.monotonic() - started < 1.5
+    assert gone.value.output_tokens and gone.value.input_tokens  # it ran, and says how far
+    started = time.monotonic()
+    provider.complete(SHORT, time.monotonic() + 1.0)  # would be LocalModelBusy if the model ran on
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_client_that_leaves_while_its_request_waits_its_turn_uses_nothing(provider: LocalProvider) -> None:
+    holder = threading.Thread(
+        target=lambda: provider.complete(dataclasses.replace(LONG, max_tokens=60), time.monotonic() + 10)
+    )
+    holder.start()
+    time.sleep(0.2)
+    server, client = socket.socketpair()
+    client.close()
+    with server, pytest.raises(ClientGone) as gone, ClientWatch(server):
+        provider.complete(SHORT, time.monotonic() + 10)
+    assert (gone.value.input_tokens, gone.value.output_tokens) == (0, 0)
+    holder.join()

@@ -19,6 +19,7 @@ import httpcore2
 import httpx2
 from httpcore2 import NetworkBackend, NetworkStream
 
+from ..client_watch import UPSTREAM_POLL_S, ClientWatch, polled_watch
 from ..greenlets import cpu_turnstile, readable_now
 
 _deadline_var: ContextVar[float | None] = ContextVar("upstream_deadline", default=None)
@@ -64,9 +65,29 @@ class _DeadlineStream(NetworkStream):
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         self._send_unsent()
-        data = self._inner.read(max_bytes, _bounded(timeout, httpcore2.ReadTimeout))
+        bounded = _bounded(timeout, httpcore2.ReadTimeout)
+        watch = polled_watch()  # under gthread, while a plain answer's client is watched
+        if watch is None:
+            data = self._inner.read(max_bytes, bounded)
+        else:
+            data = self._read_watching(max_bytes, bounded, watch)
         cpu_turnstile().pass_through()  # what follows an upstream answer (or event) is heavy: take turns
         return data
+
+    def _read_watching(self, max_bytes: int, timeout: float | None, watch: ClientWatch) -> bytes:
+        """Read in waits of UPSTREAM_POLL_S, asking between two whether the client is still there.
+
+        A thread can't be interrupted; a read that times out leaves the socket (and a TLS session) as it was.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left_s = None if end is None else end - time.monotonic()
+            if left_s is not None and left_s <= UPSTREAM_POLL_S:
+                return self._inner.read(max_bytes, max(left_s, 0.001))
+            try:
+                return self._inner.read(max_bytes, UPSTREAM_POLL_S)
+            except httpcore2.ReadTimeout:
+                watch.raise_if_gone()
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if buffer:

@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from ..client_watch import LOCAL_POLL_S, ClientGone, polled_watch
 from ..config import Settings
 from ..errors import LocalModelBusy, ServiceError, UpstreamRejected, UpstreamTimeout
 from ..greenlets import Channel, NativeThread
@@ -204,10 +205,19 @@ class LocalProvider:
 
     @staticmethod
     def _first(job: _Job, deadline_monotonic: float) -> Any:
-        """Wait for the job's first item; a job still queued at the deadline is withdrawn: the model is busy."""
-        try:
-            return job.results.get(max(deadline_monotonic - time.monotonic(), 0.0))
-        except queue.Empty:
+        """Wait for the job's first item; a job still queued at the deadline is withdrawn: the model is busy.
+
+        A thread whose client is watched (gthread) asks every LOCAL_POLL_S whether it is still there.
+        """
+        watch = polled_watch()
+        while True:
+            left_s = max(deadline_monotonic - time.monotonic(), 0.0)
+            try:
+                return job.results.get(left_s if watch is None else min(left_s, LOCAL_POLL_S))
+            except queue.Empty:
+                if watch is not None and left_s > LOCAL_POLL_S:
+                    watch.raise_if_gone()
+                    continue
             if job.withdraw():
                 raise LocalModelBusy(retry_after_s=1.0) from None
             return job.results.get()  # running: its watchdog ends it at the next token
@@ -227,7 +237,16 @@ class LocalProvider:
         job = _Job(work)
         runner.submit(job.run)
         started = time.monotonic()
-        result = self._first(job, deadline_monotonic)
+        try:
+            result = self._first(job, deadline_monotonic)
+        except ClientGone as gone:
+            watchdog.cancelled = True  # the model stops at its next token, or before the prompt's next piece
+            record_attempt(self.name, params.model, "client_closed", time.monotonic() - started)
+            if job.withdraw():  # it was still waiting its turn: it never runs, nothing was used
+                gone.input_tokens, gone.output_tokens = 0, 0
+            else:  # read from the model's thread as it stops: a token more or less
+                gone.input_tokens, gone.output_tokens = watchdog.prompt_tokens or None, watchdog.samples
+            raise
         if isinstance(result, ValueError):
             record_attempt(self.name, params.model, "rejected", time.monotonic() - started)
             raise _rejected(result)

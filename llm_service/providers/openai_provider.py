@@ -134,7 +134,7 @@ class OpenAIProvider:
     def _recorder(self, model: str) -> Callable[[str, float], None]:
         def record(outcome: str, duration_s: float) -> None:
             record_attempt(self.name, model, outcome, duration_s)
-            if self._circuit is not None:
+            if self._circuit is not None and outcome != "client_closed":  # cut short: says nothing of the upstream
                 self._circuit.record(outcome in CIRCUIT_FAILURES)
 
         return record

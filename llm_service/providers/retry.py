@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import backoff
 
+from ..client_watch import ClientGone
 from ..errors import ServiceError
 from ..metrics import RETRIES_SKIPPED
 
@@ -135,6 +136,9 @@ class RetryPolicy:
             raise
         except ServiceError as failure:
             outcome = attempt_outcome(failure)
+            raise
+        except ClientGone:
+            outcome = "client_closed"
             raise
         finally:
             if call.on_attempt is not None:

@@ -11,8 +11,11 @@ from werkzeug.datastructures import RequestCacheControl
 from werkzeug.http import parse_cache_control_header
 
 from ..cache import CacheDirectives
+from ..client_watch import ClientGone, ClientWatch
 from ..clients import Client
-from ..errors import InvalidRequest, Unauthorized
+from ..errors import ClientClosed, InvalidRequest, Unauthorized
+from ..generation import Generation
+from ..providers.base import GenerationParams
 from ..startup import Services
 from .openai_schemas import ChatCompletionRequestSchema
 from .record import current_record
@@ -49,6 +52,24 @@ def cache_directives() -> CacheDirectives:
     header = request.headers.get("Cache-Control", "").lower()
     control = parse_cache_control_header(header, cls=RequestCacheControl)
     return CacheDirectives(no_cache=bool(control.no_cache), no_store=bool(control.no_store), max_age_s=control.max_age)
+
+
+def generate_plain(client: Client, params: GenerationParams, directives: CacheDirectives) -> Generation:
+    """Make a plain (non-streamed) answer, stopped if the client closes its connection meanwhile.
+
+    gunicorn gives the client's socket; a stopped request is finished here as `client_closed`, with what
+    it was charged, and its 499 goes to a connection no one reads.
+    """
+    record = current_record()
+    sock = request.environ.get("gunicorn.socket")
+    watch = None if sock is None else ClientWatch(sock)
+    try:
+        return services().generation.generate(
+            client, params, record.started_monotonic, record.admitted, directives, watch
+        )
+    except ClientGone as gone:
+        record.finish("client_closed", **gone.log_fields)
+        raise ClientClosed() from None
 
 
 def load_body(schema: Schema) -> dict[str, Any]:

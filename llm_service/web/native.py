@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify
 from ..errors import ServiceError
 from ..generation import Generation
 from ..providers.base import GenerationParams
-from .context import cache_directives, current_client, load_body, schemas, services
+from .context import cache_directives, current_client, generate_plain, load_body, schemas, services
 from .errors import envelope
 from .headers import cache_headers
 from .record import current_record
@@ -57,7 +57,7 @@ def generate() -> Response:
         response = stream_response(record, stream, NativeWire())
         response.headers.update(cache_headers(stream.cache))
         return response
-    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted, directives)
+    result = generate_plain(client, params, directives)
     record.fields.update(result.log_fields())
     response = jsonify(request_id=record.request_id, output=result.completion.text, metadata=result.metadata())
     response.headers.update(cache_headers(result.cache))

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, jsonify
 from ..errors import ModelNotFound, ServiceError
 from ..generation import Generation
 from ..providers.base import GenerationParams, Message
-from .context import cache_directives, current_client, load_body, schemas, services
+from .context import cache_directives, current_client, generate_plain, load_body, schemas, services
 from .errors import openai_envelope
 from .headers import cache_headers
 from .openai_schemas import DEFAULT_MAX_TOKENS
@@ -102,7 +102,7 @@ def chat_completions() -> Response:
             response.headers["X-Fallback-From"] = stream.fallback_from
         record.token_window = svc.quotas.token_window(client)  # after the reservation, for x-ratelimit-*-tokens
         return response
-    result = svc.generation.generate(client, params, record.started_monotonic, record.admitted, directives)
+    result = generate_plain(client, params, directives)
     record.fields.update(result.log_fields())
     record.token_window = svc.quotas.token_window(client)
     completion = result.completion
