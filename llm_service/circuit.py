@@ -64,6 +64,14 @@ return 0
 """
 
 
+# A probe whose attempt ended without a verdict (its client left) is given back, so the next request probes
+# now rather than after probe_ttl. A circuit with no key (closed and forgotten) is left without one.
+_RELEASE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'probe_until_ms', 0) end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Whether an attempt may go out, the circuit's state, and how long until it might (0 when allowed)."""
@@ -87,6 +95,10 @@ class Circuit(Protocol):
 
     def record(self, failed: bool) -> None:
         """Count an attempt's end: a failure (5xx, timeout, connection error) or any answer."""
+        ...
+
+    def release(self) -> None:
+        """Give back the half-open probe this process took, whose attempt ended without a verdict."""
         ...
 
 
@@ -129,6 +141,10 @@ class MemoryCircuit:
                     self._opened_at, self._probe_until = time.monotonic(), 0.0
         _report(self.name, state, failed)
 
+    def release(self) -> None:
+        with self._lock:
+            self._probe_until = 0.0
+
 
 class RedisCircuit:
     """A breaker shared by every worker and instance through Redis; open to calls when Redis is down."""
@@ -140,6 +156,7 @@ class RedisCircuit:
         self._reset_ms, self._probe_ttl_ms = round(reset_s * 1000), round(probe_ttl_s * 1000)
         self._admit = client.register_script(_ADMIT_LUA)
         self._record = client.register_script(_RECORD_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
         self._outage_logged_at = -OUTAGE_LOG_INTERVAL_S
 
     def admit(self, claim: bool = True) -> Verdict:
@@ -159,6 +176,12 @@ class RedisCircuit:
             self._outage(error)
             return
         _report(self.name, state, failed)
+
+    def release(self) -> None:
+        try:
+            self._release(keys=[self._key])
+        except redis.RedisError as error:
+            self._outage(error)  # the claim lapses after probe_ttl instead
 
     def _outage(self, error: Exception) -> None:
         """Log that the breaker cannot reach Redis and lets calls through, at most once per interval."""

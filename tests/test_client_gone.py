@@ -16,11 +16,13 @@ from llm_service.providers.base import GenerationParams
 from llm_service.quotas import estimate_input_tokens
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI
+from tests.routing_support import Upstreams
 from tests.servers import Service
 from tests.test_greenlets import run_patched
 from tests.test_observability import scrape, total
 from tests.test_quotas import clear_of_minute_boundary
 from tests.test_redis_limits import SHARED_REDIS
+from tests.test_routing_e2e import service_env as routing_env
 
 WORKERS = ["gevent", "gthread"]
 CUT_AFTER_S = 0.5
@@ -260,3 +262,29 @@ def test_watching_leaves_no_watcher_behind_however_the_block_ends() -> None:
         """
     )
     assert out == "['error', 'gone', 'ok'] 500 True"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("redis_url", [None, SHARED_REDIS])
+def test_a_probe_whose_client_leaves_gives_the_probe_back(
+    upstreams: Upstreams, tmp_path: Path, redis_url: str | None
+) -> None:
+    # An open circuit lets one request probe the upstream; if that request's client leaves, the probe says
+    # nothing of the upstream. Before, its claim was held until it lapsed (TIMEOUT + 1 s): 503s meanwhile.
+    env = {
+        **routing_env(upstreams, CIRCUIT_FAILURES="1", CIRCUIT_RESET_S="0.5", WEB_CONCURRENCY="1"),
+        "REDIS_URL": redis_url or "",
+    }
+    lonely = {"prompt": "Say hello.", "model": "lonely"}  # no fallback: the circuit's verdict is the answer
+    upstreams.primary.default = fake.status(500)
+    with Service(env, tmp_path / "service.log") as service:
+        assert service.generate(lonely)[0] == 502  # the circuit opens
+        assert service.generate(lonely)[0] == 503
+        time.sleep(0.6)  # past CIRCUIT_RESET_S: the next request is the probe
+        upstreams.primary.default = fake.ok(delay_s=UPSTREAM_DELAY_S)
+        post_and_leave(service, "/generate", lonely, "")
+        assert upstreams.primary.requests[-1].disconnected.wait(UPSTREAM_DELAY_S), "the probe ran on"
+        upstreams.primary.default = fake.ok("recovered")
+        status, answer, _ = service.generate(lonely, timeout_s=5)
+        assert (status, answer.get("output")) == (200, "recovered")  # a new probe went out, and closed the circuit
+        assert json.loads(service.request("GET", "/ready")[2])["circuits"][upstreams.primary_name] == "closed"

@@ -14,7 +14,7 @@ from typing import Any
 import httpx2
 import openai
 
-from ..circuit import Circuit
+from ..circuit import HALF_OPEN, Circuit
 from ..config import Settings
 from ..errors import UpstreamUnavailable
 from ..metrics import record_attempt
@@ -129,23 +129,33 @@ class OpenAIProvider:
             except UPSTREAM_ERRORS as error:
                 raise translate(error) from None
 
-        return self._policy.run(attempt, deadline_monotonic, self._recorder(params.model), self._admit)
+        return self._policy.run(attempt, deadline_monotonic, *self._guard(params.model))
 
-    def _recorder(self, model: str) -> Callable[[str, float], None]:
+    def _guard(self, model: str) -> tuple[Callable[[str, float], None], Callable[[], None]]:
+        """Return one call's attempt recorder and circuit check, which share whether it holds the circuit's probe."""
+        holds_probe = False
+
+        def admit() -> None:
+            """Raise 503 upstream_unavailable while this upstream's circuit is open (or its probe is out)."""
+            nonlocal holds_probe
+            if self._circuit is None:
+                return
+            verdict = self._circuit.admit()
+            if not verdict.allowed:
+                raise UpstreamUnavailable(retry_after_s=verdict.wait_s)
+            holds_probe = verdict.state == HALF_OPEN
+
         def record(outcome: str, duration_s: float) -> None:
             record_attempt(self.name, model, outcome, duration_s)
-            if self._circuit is not None and outcome != "client_closed":  # cut short: says nothing of the upstream
-                self._circuit.record(outcome in CIRCUIT_FAILURES)
+            if self._circuit is None:
+                return
+            if outcome == "client_closed":  # cut short, it says nothing of the upstream: a probe it held goes back
+                if holds_probe:
+                    self._circuit.release()
+                return
+            self._circuit.record(outcome in CIRCUIT_FAILURES)
 
-        return record
-
-    def _admit(self) -> None:
-        """Raise 503 upstream_unavailable while this upstream's circuit is open (or its probe is out)."""
-        if self._circuit is None:
-            return
-        verdict = self._circuit.admit()
-        if not verdict.allowed:
-            raise UpstreamUnavailable(retry_after_s=verdict.wait_s)
+        return record, admit
 
     def stream(self, params: GenerationParams, deadline_monotonic: float) -> Iterator[TextDelta | Completion]:
         """Yield deltas, then the Completion; retries happen only until the first delta is in hand."""
@@ -172,7 +182,7 @@ class OpenAIProvider:
                     opened.close()
                 raise translate(error) from None
 
-        opened = self._policy.run(attempt, deadline_monotonic, self._recorder(params.model), self._admit)
+        opened = self._policy.run(attempt, deadline_monotonic, *self._guard(params.model))
         return opened.relay(self._settings.timeout_s, time.monotonic() + self._settings.stream_deadline_s)
 
 
