@@ -146,7 +146,7 @@ def post_worker_init(worker: Any) -> None:
     install_error_envelope()  # a 400 or 431 gunicorn refuses before the app runs is JSON like every other error
     # What the worker has loaded (modules, the app, the openai client and its types: ~130,000 objects) lives as
     # long as it does. Frozen, the garbage collector no longer scans it: a full collection under load took
-    # ~120 ms of the worker's only thread (a pause every request in flight shared), and all of them ~15% of its CPU.
+    # ~120 ms of the worker's only thread (a pause every request in flight shared); collections were ~8% of its CPU.
     gc.collect()
     gc.freeze()
     draining = getattr(worker.wsgi, "extensions", {}).get("llm_service.draining")

@@ -112,10 +112,11 @@ def _upstream(name: str, entry: Any, environ: Mapping[str, str], problems: list[
         problems.append(f"{where}: base_url must be an http:// or https:// URL")
     timeout_s = entry.get("timeout_s")
     if timeout_s is not None and (
-        isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not math.isfinite(timeout_s)
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not math.isfinite(timeout_s)
+        or timeout_s <= 0
     ):
-        problems.append(f"{where}: timeout_s must be a number above 0")
-    elif timeout_s is not None and timeout_s <= 0:
         problems.append(f"{where}: timeout_s must be a number above 0")
     key_env = entry.get("api_key_env")
     api_key = None

@@ -14,13 +14,14 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
-from flask import Response, current_app
+from flask import Response
 
 from ..errors import ServiceError, ShuttingDown
 from ..generation import Generation, GenerationStream
 from ..logs import request_id_var
 from ..providers.base import TextDelta
 from ..startup import Drain
+from .context import services
 from .record import RequestRecord
 
 log = logging.getLogger("llm_service.api")
@@ -59,7 +60,7 @@ def stream_response(record: RequestRecord, stream: GenerationStream, wire: Strea
     first = next(stream)
     time_to_first_token_ms = record.elapsed_ms
     record.streaming = True
-    drain = current_app.extensions["llm_service"].draining
+    drain = services().draining
     body = _events(record, stream, first, wire, time_to_first_token_ms, drain)
     next(body)  # enter the body's try: from here on, closing the body finishes the record
     return Response(body, status=200, mimetype="text/event-stream", headers=HEADERS)
